@@ -1,0 +1,188 @@
+"""One typed settings loader for every fedrad run.
+
+Flower hands the apps a flat ``run_config`` of kebab-case scalars (from
+``[tool.flwr.app.config]`` and ``flwr run --run-config``); the in-process simulation hands
+them an empty one.  :func:`load_settings` fills the defaults, converts strings, rejects
+unknown keys and bad values with an error that names the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "load_settings", "SETTINGS_KEYS", "SERVER_ONLY_KEYS", "parse_overrides"]
+
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _meta(help_: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
+          maximum: float | None = None) -> dict[str, Any]:
+    return {"help": help_, "choices": choices, "min": minimum, "max": maximum}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Run settings shared by the ServerApp, the ClientApp and the fedrad CLI.
+
+    Attribute names are the snake_case form of the kebab-case run-config keys
+    (``num-server-rounds`` -> ``num_server_rounds``).
+    """
+
+    num_server_rounds: int = field(default=3, metadata=_meta("federated rounds", minimum=1))
+    model: str = field(default="resnet18", metadata=_meta("model name from fedrad's registry"))
+    num_classes: int = field(default=2, metadata=_meta("number of label classes", minimum=2))
+    image_size: int = field(default=64, metadata=_meta("square input size in pixels",
+                                                        minimum=8, maximum=1024))
+    local_epochs: int = field(default=1, metadata=_meta("local epochs per round", minimum=1))
+    batch_size: int = field(default=32, metadata=_meta("training batch size", minimum=1))
+    learning_rate: float = field(default=0.01, metadata=_meta("optimiser learning rate",
+                                                               minimum=0.0))
+    optimizer: str = field(default="sgd", metadata=_meta("local optimiser", choices=_OPTIMIZERS))
+    momentum: float = field(default=0.9, metadata=_meta("SGD momentum", minimum=0.0, maximum=1.0))
+    weight_decay: float = field(default=0.0, metadata=_meta("weight decay", minimum=0.0))
+    lr_decay: float = field(default=1.0, metadata=_meta(
+        "multiply the learning rate by this after every round", minimum=0.0, maximum=1.0))
+    val_fraction: float = field(default=0.2, metadata=_meta(
+        "fraction of each site's cache held out for site-side evaluation",
+        minimum=0.0, maximum=0.9))
+    min_sites: int = field(default=2, metadata=_meta(
+        "fewest sites that must answer for a round to count", minimum=1))
+    fraction_train: float = field(default=1.0, metadata=_meta(
+        "fraction of connected sites asked to train each round", minimum=0.0, maximum=1.0))
+    seed: int = field(default=0, metadata=_meta("random seed", minimum=0))
+    denoise_sigma: float = field(default=0.5, metadata=_meta(
+        "Gaussian noise-reduction sigma in output pixels (0 disables)", minimum=0.0))
+    equalize: bool = field(default=True, metadata=_meta("histogram equalisation on/off"))
+    score_bins: int = field(default=1000, metadata=_meta(
+        "score-histogram bins used for pooled ROC AUC", minimum=10, maximum=100000))
+    amp: bool = field(default=True, metadata=_meta("mixed precision (bf16) on CUDA"))
+    channels_last: bool = field(default=True, metadata=_meta("channels-last memory on CUDA"))
+    weights_path: str = field(default="", metadata=_meta(
+        "optional local weights file (.pt state dict) to start from"))
+    out_dir: str = field(default="runs/latest", metadata=_meta(
+        "server output folder: checkpoints, metrics JSON/CSV"))
+    central_eval_dir: str = field(default="", metadata=_meta(
+        "prepared cache of a held-out set for central evaluation (empty: none)"))
+    class_names: str = field(default="", metadata=_meta(
+        "comma-separated class names, in label order (empty: class-0, class-1, ...)"))
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Return the settings as a flat kebab-case mapping (Flower's run-config form)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with ``changes`` applied and validated."""
+        return load_settings({k.replace("_", "-"): v for k, v in
+                              {**dataclasses.asdict(self), **changes}.items()})
+
+    def to_site_config(self) -> dict[str, Any]:
+        """The run-config form without coordinator-side paths: what is sent to the sites."""
+        return {k: v for k, v in self.to_run_config().items() if k not in SERVER_ONLY_KEYS}
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order."""
+        if self.class_names:
+            return [c.strip() for c in self.class_names.split(",")]
+        return [f"class-{i}" for i in range(self.num_classes)]
+
+
+#: Settings that name coordinator-side files; they are never sent to the sites.
+SERVER_ONLY_KEYS: frozenset[str] = frozenset({"out-dir", "central-eval-dir", "weights-path"})
+
+SETTINGS_KEYS: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in fields(Settings))
+_FIELDS = {f.name.replace("_", "-"): f for f in fields(Settings)}
+
+
+def _convert(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return int(as_float)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}") from None
+    return str(value)
+
+
+def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from a Flower run config plus keyword overrides.
+
+    Keys may be kebab-case (``local-epochs``) or snake_case (``local_epochs``).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key (the message lists close matches and all accepted keys) or a
+        value of the wrong type or out of range (the message says what is accepted).
+    """
+    merged: dict[str, Any] = {}
+    for source in (run_config or {}), overrides:
+        for raw_key, value in source.items():
+            key = str(raw_key).replace("_", "-")
+            if key not in _FIELDS:
+                close = difflib.get_close_matches(key, SETTINGS_KEYS, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"Unknown setting '{raw_key}'.{hint} Accepted settings: "
+                    + ", ".join(SETTINGS_KEYS)
+                )
+            merged[key] = value
+    values: dict[str, Any] = {}
+    for key, f in _FIELDS.items():
+        typ = type(f.default)
+        value = _convert(key, merged[key], typ) if key in merged else f.default
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(
+                f"'{key}' must be one of {', '.join(meta['choices'])}; got {value!r}"
+            )
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"'{key}' must be >= {meta['min']} ({meta['help']}); got {value!r}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ConfigError(f"'{key}' must be <= {meta['max']} ({meta['help']}); got {value!r}")
+        values[f.name] = value
+    settings = Settings(**values)
+    if settings.class_names and len(settings.classes) != settings.num_classes:
+        raise ConfigError(
+            f"'class-names' lists {len(settings.classes)} names but 'num-classes' is "
+            f"{settings.num_classes}; give one name per class"
+        )
+    return settings
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """Parse ``["key=value", ...]`` (CLI ``--set``) into a mapping; values stay strings."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"Expected key=value, got {item!r} (e.g. --set local-epochs=2)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
