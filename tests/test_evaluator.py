@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedrad.common.errors import FedradError
 from fedrad.common.metrics import count_outcomes, pooled_metrics
 from fedrad.server.evaluator import (

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from fedrad.common.errors import FedradError
 from fedrad.common.metrics import (
     OutcomeCounts,
