@@ -1,0 +1,264 @@
+"""fedrad's Flower ClientApp: one per hospital site.
+
+The app is thin: it reads the site's node config (``data-dir``, ``site-id``), takes the
+run settings from the server's message, and calls plain-Python code in
+:mod:`fedrad.common` to train and evaluate on the site's prepared cache.
+
+Everything this module sends is listed in :func:`_site_record` and the two handlers:
+model weights, sample counts, a training loss, outcome counts and score histograms.
+Exceptions raised here are sent to the server by Flower, so they are converted to a
+:class:`~fedrad.common.errors.FedradError` whose text carries only a reason code and a
+hashed site identifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrad.common.cache import SiteCache, load_cache
+from fedrad.common.config import Settings, load_settings
+from fedrad.common.errors import FedradError, SiteDataError, hashed_id
+from fedrad.common.metrics import count_outcomes, counts_to_metrics
+from fedrad.common.models import get_model
+from fedrad.common.splits import train_val_split
+from fedrad.common.training import predict_scores, select_device, train_local
+
+__all__ = ["app", "make_client_app", "SiteContext", "train_on_site", "evaluate_on_site"]
+
+log = logging.getLogger(__name__)
+
+NODE_DATA_DIR = "data-dir"
+NODE_SITE_ID = "site-id"
+NODE_DEVICE = "device"
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """Where a site's cache lives and how the site names itself."""
+
+    site_id: str
+    data_dir: Path
+    device: str = "auto"
+
+    @property
+    def safe_id(self) -> str:
+        """The site's name as it may appear in messages to the server."""
+        return self.site_id
+
+
+def _site_from_node_config(
+    node_config: Mapping[str, Any], site_dirs: Mapping[int, str] | None
+) -> SiteContext:
+    device = str(node_config.get(NODE_DEVICE, "auto"))
+    if NODE_DATA_DIR in node_config:
+        data_dir = Path(str(node_config[NODE_DATA_DIR]))
+        site_id = str(node_config.get(NODE_SITE_ID) or f"site-{hashed_id(str(data_dir))[:6]}")
+        return SiteContext(site_id=site_id, data_dir=data_dir, device=device)
+    if site_dirs is not None and "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if pid not in site_dirs:
+            raise SiteDataError(
+                "no-site-data",
+                f"simulated node {pid} has no site data; the simulation has "
+                f"{len(site_dirs)} sites, so run it with num-supernodes={len(site_dirs)}",
+            )
+        return SiteContext(site_id=f"site-{pid + 1}", data_dir=Path(site_dirs[pid]), device=device)
+    raise SiteDataError(
+        "no-data-dir",
+        "this SuperNode was started without a site folder: pass "
+        "--node-config \"data-dir=/path/to/prepared/cache site-id=my-site\" to flower-supernode",
+    )
+
+
+@lru_cache(maxsize=8)
+def _load_site_cache(path: str) -> SiteCache:
+    return load_cache(path)
+
+
+def _site_split(cache: SiteCache, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    return train_val_split(np.asarray(cache.labels), settings.val_fraction, seed=settings.seed)
+
+
+def _check_cache(cache: SiteCache, settings: Settings, site: SiteContext) -> None:
+    size = int(cache.images.shape[-1])
+    if size != settings.image_size:
+        raise SiteDataError(
+            "image-size-mismatch",
+            f"site {site.safe_id} prepared its images at {size} px but the run uses "
+            f"image-size={settings.image_size}; re-run site preparation with the run's "
+            "image size",
+        )
+    num_classes = int(cache.meta.get("num_classes", settings.num_classes))
+    if num_classes != settings.num_classes:
+        raise SiteDataError(
+            "class-count-mismatch",
+            f"site {site.safe_id} was prepared for {num_classes} classes but the run "
+            f"has num-classes={settings.num_classes}",
+        )
+
+
+def _build_model(settings: Settings, arrays: ArrayRecord):
+    model = get_model(
+        settings.model,
+        num_classes=settings.num_classes,
+        in_channels=1,
+        image_size=settings.image_size,
+    )
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def train_on_site(
+    arrays: ArrayRecord, settings: Settings, site: SiteContext, server_round: int = 1
+) -> tuple[ArrayRecord, dict[str, int | float]]:
+    """Train the received global model on the site's training split.
+
+    Returns the updated weights and the metrics to send: ``num-examples`` (the count of
+    training samples) and ``train-loss``.
+    """
+    cache = _load_site_cache(str(site.data_dir))
+    _check_cache(cache, settings, site)
+    train_idx, _ = _site_split(cache, settings)
+    if len(train_idx) == 0:
+        raise SiteDataError("no-training-data", f"site {site.safe_id} has no training samples")
+    model = _build_model(settings, arrays)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    lr = settings.learning_rate * (settings.lr_decay ** max(server_round - 1, 0))
+    result = train_local(
+        model,
+        np.asarray(cache.images[train_idx]),
+        np.asarray(cache.labels[train_idx]),
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        learning_rate=lr,
+        optimizer=settings.optimizer,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        device=select_device(site.device),
+        amp=settings.amp,
+        channels_last=settings.channels_last,
+        seed=settings.seed + server_round,
+    )
+    state = {k: v.detach().to("cpu").to(dtypes[k]) for k, v in model.state_dict().items()}
+    metrics = {
+        "num-examples": int(result.num_examples),
+        "train-loss": float(result.mean_loss),
+        "train-seconds": float(result.seconds),
+    }
+    log.info(
+        "site %s round %d: trained on %d samples, loss %.4f, %.1f img/s",
+        site.safe_id, server_round, result.num_examples, result.mean_loss,
+        result.images_per_second,
+    )
+    return ArrayRecord(state), metrics
+
+
+def evaluate_on_site(
+    arrays: ArrayRecord, settings: Settings, site: SiteContext
+) -> dict[str, int | float | list[int]]:
+    """Score the received model on the site's held-out split.
+
+    Returns outcome counts (confusion matrix and per-class score histograms) in the flat
+    form the server sums: no per-sample scores, no identifiers.
+    """
+    cache = _load_site_cache(str(site.data_dir))
+    _check_cache(cache, settings, site)
+    _, val_idx = _site_split(cache, settings)
+    if len(val_idx) == 0:
+        raise SiteDataError(
+            "no-validation-data",
+            f"site {site.safe_id} has no held-out samples; set val-fraction > 0",
+        )
+    model = _build_model(settings, arrays)
+    scores = predict_scores(
+        model,
+        np.asarray(cache.images[val_idx]),
+        device=select_device(site.device),
+        amp=settings.amp,
+        channels_last=settings.channels_last,
+    )
+    counts = count_outcomes(scores, np.asarray(cache.labels[val_idx]), bins=settings.score_bins)
+    metrics: dict[str, int | float | list[int]] = {"num-examples": int(len(val_idx))}
+    metrics.update(counts_to_metrics(counts))
+    return metrics
+
+
+def _site_record(site: SiteContext) -> ConfigRecord:
+    return ConfigRecord({"site-id": site.safe_id})
+
+
+def _settings_from(msg: Message, context: Context) -> Settings:
+    """Run settings: the server's config record wins over the local run config."""
+    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    config.pop("server-round", None)
+    base = {k: v for k, v in context.run_config.items() if k not in config}
+    return load_settings({**base, **config})
+
+
+def _safe(fn: Callable[[], Message], site_label: str) -> Message:
+    """Run ``fn``; turn any failure into an error text that is safe to leave the site."""
+    try:
+        return fn()
+    except FedradError as err:
+        log.error("site %s: %s (%s)", site_label, err, err.local_detail or "no local detail")
+        raise FedradError(err.code, err.message) from None
+    except Exception as err:  # noqa: BLE001 - the text of unknown errors must stay local
+        log.exception("site %s: unexpected error", site_label)
+        raise FedradError(
+            "site-internal-error",
+            f"site {site_label} failed with {type(err).__name__}; see the site's local log",
+        ) from None
+
+
+def make_client_app(site_dirs: Mapping[int, str] | None = None) -> ClientApp:
+    """Build the ClientApp.
+
+    ``site_dirs`` maps a simulated node's ``partition-id`` to its prepared cache folder;
+    deployed SuperNodes instead name their folder with ``--node-config data-dir=...``.
+    """
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
+
+        def run() -> Message:
+            site = _site_from_node_config(context.node_config, site_dirs)
+            settings = _settings_from(msg, context)
+            server_round = int(msg.content["config"].get("server-round", 1))
+            arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round)
+            content = RecordDict(
+                {"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(site)}
+            )
+            return Message(content=content, reply_to=msg)
+
+        return _safe(run, label)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
+
+        def run() -> Message:
+            site = _site_from_node_config(context.node_config, site_dirs)
+            settings = _settings_from(msg, context)
+            metrics = evaluate_on_site(msg.content["arrays"], settings, site)
+            content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(site)})
+            return Message(content=content, reply_to=msg)
+
+        return _safe(run, label)
+
+    return client_app
+
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+app = make_client_app()

@@ -1,0 +1,256 @@
+"""fedrad's Flower ServerApp: FedAvg over the sites, pooled metrics, checkpoints.
+
+Thin on purpose: settings come from :func:`fedrad.common.config.load_settings`, the
+metrics from :mod:`fedrad.common.metrics`, tables and files from
+:mod:`fedrad.server.evaluator`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedrad.common.cache import load_cache
+from fedrad.common.config import Settings, load_settings
+from fedrad.common.errors import FedradError
+from fedrad.common.metrics import (
+    OutcomeCounts,
+    count_outcomes,
+    counts_from_metrics,
+    merge_counts,
+    pooled_metrics,
+)
+from fedrad.common.models import get_model
+from fedrad.common.training import predict_scores, select_device
+
+from .checkpoint import save_checkpoint
+from .evaluator import MetricsLog, format_final_summary, format_round_table
+
+__all__ = ["app", "make_server_app", "run_federation", "FedradFedAvg", "RoundReport"]
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[["RoundReport"], None]
+
+
+class RoundReport:
+    """What the server knows after one round: pooled, per-site and central metrics."""
+
+    def __init__(self, server_round: int, num_rounds: int, rows: dict[str, dict[str, Any]],
+                 table: str, failures: list[str]) -> None:
+        self.server_round = server_round
+        self.num_rounds = num_rounds
+        self.rows = rows
+        self.table = table
+        self.failures = failures
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class FedradFedAvg(FedAvg):
+    """FedAvg that sums the sites' outcome counts into pooled metrics.
+
+    - Training: the weighted mean of the sites' weights (by ``num-examples``), cast back
+      to each tensor's dtype; a round where fewer than ``min-sites`` sites answered keeps
+      the previous global model and says so.
+    - Evaluation: the confusion counts and score histograms of all answering sites are
+      summed; accuracy, sensitivity, specificity, F1 and AUC are computed from the sums
+      (never averaged), plus one row per site.
+    """
+
+    def __init__(self, settings: Settings, metrics_log: MetricsLog) -> None:
+        super().__init__(
+            fraction_train=settings.fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=settings.min_sites,
+            min_evaluate_nodes=settings.min_sites,
+            min_available_nodes=settings.min_sites,
+        )
+        self.settings = settings
+        self.metrics_log = metrics_log
+        self.round_failures: dict[int, list[str]] = {}
+
+    def _note_failures(self, server_round: int, kind: str, errors: list[Message]) -> None:
+        for msg in errors:
+            text = f"{kind}: node {msg.metadata.src_node_id} failed: {msg.error.reason}"
+            self.round_failures.setdefault(server_round, []).append(text)
+            log.warning("round %d %s", server_round, text)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        self._note_failures(server_round, "train", errors)
+        if len(valid) < self.settings.min_sites:
+            log.warning(
+                "round %d: %d of %d sites returned an update, fewer than min-sites=%d; "
+                "the global model is kept unchanged for this round",
+                server_round, len(valid), len(replies), self.settings.min_sites,
+            )
+            return None, None
+        if errors:
+            log.warning("round %d: continuing with the %d sites that answered",
+                        server_round, len(valid))
+        contents = [m.content for m in valid]
+        mean = aggregate_arrayrecords(contents, self.weighted_by_key)
+        reference = next(iter(contents[0].array_records.values()))
+        arrays = ArrayRecord(
+            {k: Array(np.asarray(mean[k].numpy()).astype(reference[k].numpy().dtype))
+             for k in reference.keys()}
+        )
+        weights = [float(next(iter(c.metric_records.values()))["num-examples"]) for c in contents]
+        losses = [float(next(iter(c.metric_records.values())).get("train-loss", float("nan")))
+                  for c in contents]
+        total = sum(weights)
+        metrics = MetricRecord({
+            "num-examples": int(total),
+            "train-loss": float(np.dot(weights, losses) / total) if total else float("nan"),
+            "sites": len(valid),
+        })
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
+        self._note_failures(server_round, "evaluate", errors)
+        per_site: list[tuple[str, OutcomeCounts]] = []
+        for msg in valid:
+            site = f"node-{msg.metadata.src_node_id}"
+            if "site" in msg.content.config_records:
+                site = str(msg.content.config_records["site"].get("site-id", site))
+            try:
+                counts = counts_from_metrics(msg.content["metrics"])
+            except FedradError as err:
+                log.warning("round %d: site %s sent unusable evaluation counts: %s",
+                            server_round, site, err)
+                continue
+            per_site.append((site, counts))
+        if len(per_site) < self.settings.min_sites:
+            log.warning(
+                "round %d: %d sites returned evaluation counts, fewer than min-sites=%d; "
+                "no pooled metrics this round", server_round, len(per_site),
+                self.settings.min_sites,
+            )
+            return None
+        pooled = merge_counts([c for _, c in per_site])
+        classes = self.settings.classes
+        pooled_row = pooled_metrics(pooled, class_names=classes)
+        self.metrics_log.record(server_round, "pooled", pooled_row, n=pooled.n)
+        for site, counts in sorted(per_site):
+            self.metrics_log.record(server_round, f"site:{site}",
+                                    pooled_metrics(counts, class_names=classes), n=counts.n)
+        return MetricRecord(_scalar_metrics(pooled_row))
+
+
+class _CentralEvaluator:
+    """Scores the global model on a coordinator-held test cache; saves checkpoints."""
+
+    def __init__(self, settings: Settings, metrics_log: MetricsLog, out_dir: Path,
+                 strategy: FedradFedAvg, on_round: RoundCallback | None) -> None:
+        self.settings = settings
+        self.metrics_log = metrics_log
+        self.out_dir = out_dir
+        self.strategy = strategy
+        self.on_round = on_round
+        self.cache = load_cache(settings.central_eval_dir) if settings.central_eval_dir else None
+        self.device = select_device("auto")
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        s = self.settings
+        state = arrays.to_torch_state_dict()
+        if server_round > 0:
+            save_checkpoint(self.out_dir, server_round, state, s.to_run_config())
+        result = None
+        if self.cache is not None:
+            model = get_model(s.model, num_classes=s.num_classes, in_channels=1,
+                              image_size=s.image_size)
+            model.load_state_dict(state)
+            scores = predict_scores(model, np.asarray(self.cache.images), device=self.device,
+                                    amp=s.amp, channels_last=s.channels_last)
+            counts = count_outcomes(scores, np.asarray(self.cache.labels), bins=s.score_bins)
+            row = pooled_metrics(counts, class_names=s.classes)
+            self.metrics_log.record(server_round, "central", row, n=counts.n)
+            result = MetricRecord(_scalar_metrics(row))
+        if server_round > 0:
+            rows = self.metrics_log.round_rows(server_round)
+            table = format_round_table(server_round, rows, s.classes)
+            log.info("round %d/%d metrics\n%s", server_round, s.num_server_rounds, table)
+            failures = self.strategy.round_failures.get(server_round, [])
+            if self.on_round is not None:
+                self.on_round(RoundReport(server_round, s.num_server_rounds, rows, table,
+                                          failures))
+        self.metrics_log.write()
+        return result
+
+
+def run_federation(grid: Grid, settings: Settings,
+                   on_round: RoundCallback | None = None) -> MetricsLog:
+    """Run ``settings.num_server_rounds`` rounds of FedAvg on ``grid``.
+
+    After every round the global model is saved under ``out-dir`` and the pooled,
+    per-site and central metrics are printed and written as ``metrics.json`` and
+    ``metrics.csv``.
+    """
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = MetricsLog(out_dir, settings.classes)
+    model = get_model(settings.model, num_classes=settings.num_classes, in_channels=1,
+                      image_size=settings.image_size,
+                      weights_path=settings.weights_path or None)
+    strategy = FedradFedAvg(settings, metrics_log)
+    evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
+    started = time.perf_counter()
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=settings.num_server_rounds,
+        train_config=ConfigRecord(settings.to_site_config()),
+        evaluate_config=ConfigRecord(settings.to_site_config()),
+        evaluate_fn=evaluator,
+    )
+    log.info("federated run finished in %.1f s; outputs in %s\n%s",
+             time.perf_counter() - started, out_dir, format_final_summary(metrics_log))
+    return metrics_log
+
+
+def _ensure_logging() -> None:
+    logger = logging.getLogger("fedrad")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s fedrad: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def make_server_app(settings: Settings | None = None,
+                    on_round: RoundCallback | None = None) -> ServerApp:
+    """Build the ServerApp; ``settings`` default to the run config Flower passes in."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _ensure_logging()
+        run_settings = settings or load_settings(context.run_config)
+        run_federation(grid, run_settings, on_round)
+
+    return server_app
+
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+app = make_server_app()

@@ -1,0 +1,122 @@
+"""The ClientApp's site-side work: training, evaluation, and what leaves the site."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from fedrad.client.client_app import (
+    SiteContext,
+    evaluate_on_site,
+    make_client_app,
+    train_on_site,
+)
+from fedrad.common.cache import write_cache
+from fedrad.common.config import load_settings
+from fedrad.common.metrics import counts_from_metrics
+from fedrad.common.models import get_model
+
+SIZE = 48
+
+
+def _write_site(path: Path, n: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.integers(0, 120, (n, SIZE, SIZE)).astype(np.uint8)
+    images[labels == 1, 12:36, 12:36] += 100  # a bright square marks class 1
+    records = [{"id": f"img{i}", "label": int(label)} for i, label in enumerate(labels)]
+    write_cache(path, images, labels, records=records, quarantine=[],
+                meta={"num_classes": 2, "class_names": ["normal", "opacity"]})
+    return path
+
+
+@pytest.fixture()
+def settings():
+    return load_settings({"image-size": SIZE, "model": "resnet18", "local-epochs": 1,
+                          "batch-size": 16, "learning-rate": 0.05})
+
+
+def _initial(settings) -> ArrayRecord:
+    torch.manual_seed(0)
+    model = get_model(settings.model, num_classes=2, in_channels=1, image_size=SIZE)
+    return ArrayRecord(model.state_dict())
+
+
+def test_train_then_evaluate_on_site(tmp_path: Path, settings) -> None:
+    site = SiteContext("site-a", _write_site(tmp_path / "cache"))
+    arrays = _initial(settings)
+    new_arrays, metrics = train_on_site(arrays, settings, site, server_round=1)
+    assert metrics["num-examples"] == 32  # 40 samples, val-fraction 0.2 held out
+    assert np.isfinite(metrics["train-loss"])
+    before, after = arrays.to_torch_state_dict(), new_arrays.to_torch_state_dict()
+    assert before.keys() == after.keys()
+    assert all(before[k].dtype == after[k].dtype for k in before)
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+
+    eval_metrics = evaluate_on_site(new_arrays, settings, site)
+    counts = counts_from_metrics(eval_metrics)
+    assert counts.n == eval_metrics["num-examples"] == 8
+    assert counts.confusion.sum() == 8
+
+
+def test_image_size_mismatch_is_a_clear_error(tmp_path: Path, settings) -> None:
+    site = SiteContext("site-a", _write_site(tmp_path / "cache"))
+    wrong = settings.replace(image_size=64)
+    with pytest.raises(Exception, match="image-size-mismatch"):
+        train_on_site(_initial(wrong), wrong, site)
+
+
+def _message(kind: str, arrays: ArrayRecord, config: dict) -> Message:
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id="1", created_at=time.time(),
+                        ttl=600.0, message_type=kind)
+    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+                   metadata=metadata)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def test_client_app_reply_carries_only_weights_counts_and_site_name(
+    tmp_path: Path, settings
+) -> None:
+    cache = _write_site(tmp_path / "cache")
+    app = make_client_app()
+    config = {**settings.to_site_config(), "server-round": 1}
+    ctx = _context({"data-dir": str(cache), "site-id": "site-a"})
+    reply = app(_message("train", _initial(settings), config), ctx)
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    assert dict(reply.content["site"]) == {"site-id": "site-a"}
+    assert set(reply.content["metrics"].keys()) == {"num-examples", "train-loss",
+                                                    "train-seconds"}
+    reply = app(_message("evaluate", _initial(settings), config), ctx)
+    assert set(reply.content.keys()) == {"metrics", "site"}
+    text = repr(dict(reply.content["metrics"]))
+    assert str(tmp_path) not in text
+
+
+def test_client_error_text_has_no_path(tmp_path: Path, settings) -> None:
+    secret = tmp_path / "Doe_John_19520101" / "cache"
+    app = make_client_app()
+    ctx = _context({"data-dir": str(secret), "site-id": "site-a"})
+    config = {**settings.to_site_config(), "server-round": 1}
+    with pytest.raises(Exception) as info:
+        app(_message("train", _initial(settings), config), ctx)
+    text = str(info.value)
+    assert "no-cache" in text
+    assert "Doe_John" not in text and str(tmp_path) not in text
+
+
+def test_missing_data_dir_says_how_to_fix(settings) -> None:
+    app = make_client_app()
+    config = {**settings.to_site_config(), "server-round": 1}
+    with pytest.raises(Exception, match="--node-config"):
+        app(_message("train", _initial(settings), config), _context({}))

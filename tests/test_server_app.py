@@ -1,0 +1,104 @@
+"""The server-side aggregation: a closed-form weighted mean and summed outcome counts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedrad.common.config import load_settings
+from fedrad.common.metrics import count_outcomes, counts_to_metrics, merge_counts, pooled_metrics
+from fedrad.server.evaluator import MetricsLog
+from fedrad.server.server_app import FedradFedAvg
+
+
+def _reply(node: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
+    metadata = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="m", group_id="1", created_at=time.time(),
+                        ttl=600.0, message_type="train")
+    if error is not None:
+        return Message(error=error, metadata=metadata)
+    return Message(content=content, metadata=metadata)
+
+
+def _strategy(tmp_path: Path, min_sites: int = 2) -> FedradFedAvg:
+    settings = load_settings({"min-sites": min_sites, "class-names": "normal,opacity"})
+    return FedradFedAvg(settings, MetricsLog(tmp_path, settings.classes))
+
+
+def _train_reply(node: int, weight: np.ndarray, counter: int, n: int, loss: float) -> Message:
+    arrays = ArrayRecord({"w": Array(weight.astype(np.float32)),
+                          "bn.num_batches_tracked": Array(np.array(counter, dtype=np.int64))})
+    return _reply(node, RecordDict({"arrays": arrays,
+                                    "metrics": MetricRecord({"num-examples": n,
+                                                             "train-loss": loss})}))
+
+
+def test_aggregate_train_is_the_sample_weighted_mean(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(3, 4)) for _ in range(3)]
+    counts = [10, 30, 60]
+    replies = [_train_reply(i + 1, w, 5 * (i + 1), n, 0.1 * (i + 1))
+               for i, (w, n) in enumerate(zip(weights, counts, strict=True))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = sum(w.astype(np.float32) * n for w, n in zip(weights, counts, strict=True)) / 100
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5)
+    assert arrays["w"].numpy().dtype == np.float32
+    assert arrays["bn.num_batches_tracked"].numpy().dtype == np.int64
+    assert metrics["num-examples"] == 100
+    assert metrics["train-loss"] == pytest.approx((0.1 * 10 + 0.2 * 30 + 0.3 * 60) / 100)
+
+
+def test_round_with_too_few_sites_keeps_the_model(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=2)
+    failed = _reply(2, error=Error(code=0, reason="[no-usable-image] site site-2 ..."))
+    arrays, metrics = strategy.aggregate_train(1, [_train_reply(1, np.ones((2, 2)), 1, 5, 0.5),
+                                                   failed])
+    assert arrays is None and metrics is None
+    assert any("no-usable-image" in f for f in strategy.round_failures[1])
+
+
+def test_failed_site_is_skipped_while_enough_remain(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=2)
+    failed = _reply(3, error=Error(code=0, reason="[no-usable-image] site site-3"))
+    replies = [_train_reply(1, np.zeros((2,)), 1, 10, 0.5),
+               _train_reply(2, np.ones((2,)), 1, 30, 0.5), failed]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [0.75, 0.75])
+
+
+def test_aggregate_evaluate_sums_counts_not_metrics(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    rng = np.random.default_rng(1)
+    site_counts = []
+    replies = []
+    for node, n in ((1, 20), (2, 200)):
+        labels = rng.integers(0, 2, n)
+        p1 = np.clip(labels * 0.3 + rng.uniform(0, 0.7, n), 0, 1)
+        scores = np.stack([1 - p1, p1], axis=1)
+        counts = count_outcomes(scores, labels, bins=1000)
+        site_counts.append(counts)
+        replies.append(_reply(node, RecordDict({
+            "metrics": MetricRecord({"num-examples": n, **counts_to_metrics(counts)}),
+            "site": ConfigRecord({"site-id": f"site-{node}"}),
+        })))
+    result = strategy.aggregate_evaluate(1, replies)
+    expected = pooled_metrics(merge_counts(site_counts), class_names=["normal", "opacity"])
+    assert result["accuracy"] == pytest.approx(expected["accuracy"])
+    assert result["auc"] == pytest.approx(expected["auc"])
+    rows = strategy.metrics_log.round_rows(1)
+    assert set(rows) == {"pooled", "site:site-1", "site:site-2"}
+    assert rows["pooled"]["n"] == 220
