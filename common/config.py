@@ -39,6 +39,9 @@ class Settings:
     num_classes: int = field(default=2, metadata=_meta("number of label classes", minimum=2))
     image_size: int = field(default=64, metadata=_meta("square input size in pixels",
                                                         minimum=8, maximum=1024))
+    stem: str = field(default="auto", metadata=_meta(
+        "CNN input stem: standard (stride-2 conv + max-pool), small (3x3 stride-1, for "
+        "28-32 px inputs) or auto (small at <= 32 px)", choices=("auto", "standard", "small")))
     local_epochs: int = field(default=1, metadata=_meta("local epochs per round", minimum=1))
     batch_size: int = field(default=32, metadata=_meta("training batch size", minimum=1))
     learning_rate: float = field(default=0.01, metadata=_meta("optimiser learning rate",
