@@ -29,7 +29,7 @@ from fedrad.common.cache import SiteCache, load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
 from fedrad.common.metrics import count_outcomes, counts_to_metrics
-from fedrad.common.models import get_model
+from fedrad.common.models import model_from_settings
 from fedrad.common.splits import train_val_split
 from fedrad.common.training import predict_scores, select_device, train_local
 
@@ -57,22 +57,22 @@ class SiteContext:
 
 
 def _site_from_node_config(
-    node_config: Mapping[str, Any], site_dirs: Mapping[int, str] | None
+    node_config: Mapping[str, Any], sites: Mapping[int, SiteContext] | None
 ) -> SiteContext:
     device = str(node_config.get(NODE_DEVICE, "auto"))
     if NODE_DATA_DIR in node_config:
         data_dir = Path(str(node_config[NODE_DATA_DIR]))
         site_id = str(node_config.get(NODE_SITE_ID) or f"site-{hashed_id(str(data_dir))[:6]}")
         return SiteContext(site_id=site_id, data_dir=data_dir, device=device)
-    if site_dirs is not None and "partition-id" in node_config:
+    if sites is not None and "partition-id" in node_config:
         pid = int(node_config["partition-id"])
-        if pid not in site_dirs:
+        if pid not in sites:
             raise SiteDataError(
                 "no-site-data",
                 f"simulated node {pid} has no site data; the simulation has "
-                f"{len(site_dirs)} sites, so run it with num-supernodes={len(site_dirs)}",
+                f"{len(sites)} sites, so run it with num-supernodes={len(sites)}",
             )
-        return SiteContext(site_id=f"site-{pid + 1}", data_dir=Path(site_dirs[pid]), device=device)
+        return sites[pid]
     raise SiteDataError(
         "no-data-dir",
         "this SuperNode was started without a site folder: pass "
@@ -81,8 +81,17 @@ def _site_from_node_config(
 
 
 @lru_cache(maxsize=8)
-def _load_site_cache(path: str) -> SiteCache:
+def _open_cache(path: str, stamp: float) -> SiteCache:
     return load_cache(path)
+
+
+def _load_site_cache(path: str) -> SiteCache:
+    """Open a site cache once per process; a re-prepared cache is opened afresh."""
+    try:
+        stamp = (Path(path) / "manifest.json").stat().st_mtime
+    except OSError:
+        stamp = -1.0  # load_cache raises the clear "no-cache" error
+    return _open_cache(path, stamp)
 
 
 def _site_split(cache: SiteCache, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
@@ -108,12 +117,7 @@ def _check_cache(cache: SiteCache, settings: Settings, site: SiteContext) -> Non
 
 
 def _build_model(settings: Settings, arrays: ArrayRecord):
-    model = get_model(
-        settings.model,
-        num_classes=settings.num_classes,
-        in_channels=1,
-        image_size=settings.image_size,
-    )
+    model = model_from_settings(settings)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
 
@@ -220,20 +224,31 @@ def _safe(fn: Callable[[], Message], site_label: str) -> Message:
         ) from None
 
 
-def make_client_app(site_dirs: Mapping[int, str] | None = None) -> ClientApp:
+def make_client_app(
+    sites: Mapping[int, SiteContext] | None = None, *, threads: int | None = None
+) -> ClientApp:
     """Build the ClientApp.
 
-    ``site_dirs`` maps a simulated node's ``partition-id`` to its prepared cache folder;
+    ``sites`` maps a simulated node's ``partition-id`` to its site (name and cache folder);
     deployed SuperNodes instead name their folder with ``--node-config data-dir=...``.
+    ``threads`` caps torch's CPU threads per simulated site, so that sites training side
+    by side do not oversubscribe the cores (which slows torch down several times).
     """
     client_app = ClientApp()
+
+    def _limit_threads() -> None:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
+        _limit_threads()
 
         def run() -> Message:
-            site = _site_from_node_config(context.node_config, site_dirs)
+            site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
             server_round = int(msg.content["config"].get("server-round", 1))
             arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round)
@@ -247,9 +262,10 @@ def make_client_app(site_dirs: Mapping[int, str] | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
+        _limit_threads()
 
         def run() -> Message:
-            site = _site_from_node_config(context.node_config, site_dirs)
+            site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
             metrics = evaluate_on_site(msg.content["arrays"], settings, site)
             content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(site)})

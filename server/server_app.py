@@ -31,7 +31,7 @@ from fedrad.common.metrics import (
     merge_counts,
     pooled_metrics,
 )
-from fedrad.common.models import get_model
+from fedrad.common.models import model_from_settings
 from fedrad.common.training import predict_scores, select_device
 
 from .checkpoint import save_checkpoint
@@ -178,8 +178,7 @@ class _CentralEvaluator:
             save_checkpoint(self.out_dir, server_round, state, s.to_run_config())
         result = None
         if self.cache is not None:
-            model = get_model(s.model, num_classes=s.num_classes, in_channels=1,
-                              image_size=s.image_size)
+            model = model_from_settings(s)
             model.load_state_dict(state)
             scores = predict_scores(model, np.asarray(self.cache.images), device=self.device,
                                     amp=s.amp, channels_last=s.channels_last)
@@ -210,9 +209,7 @@ def run_federation(grid: Grid, settings: Settings,
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(out_dir, settings.classes)
-    model = get_model(settings.model, num_classes=settings.num_classes, in_channels=1,
-                      image_size=settings.image_size,
-                      weights_path=settings.weights_path or None)
+    model = model_from_settings(settings, weights_path=settings.weights_path or None)
     strategy = FedradFedAvg(settings, metrics_log)
     evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
     started = time.perf_counter()

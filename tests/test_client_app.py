@@ -19,7 +19,7 @@ from fedrad.client.client_app import (
 from fedrad.common.cache import write_cache
 from fedrad.common.config import load_settings
 from fedrad.common.metrics import counts_from_metrics
-from fedrad.common.models import get_model
+from fedrad.common.models import model_from_settings
 
 SIZE = 48
 
@@ -43,7 +43,7 @@ def settings():
 
 def _initial(settings) -> ArrayRecord:
     torch.manual_seed(0)
-    model = get_model(settings.model, num_classes=2, in_channels=1, image_size=SIZE)
+    model = model_from_settings(settings)
     return ArrayRecord(model.state_dict())
 
 

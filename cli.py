@@ -1,0 +1,30 @@
+"""The ``fedrad`` command: what Flower's own CLI does not do."""
+
+from __future__ import annotations
+
+import typer
+
+from fedrad.client.cli import site_app
+from fedrad.common.models import list_models
+from fedrad.simulations.cli import demo
+
+app = typer.Typer(
+    name="fedrad",
+    help="fedrad: federated radiology across hospital sites, on Flower.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command("demo")(demo)
+app.add_typer(site_app, name="site")
+
+
+@app.command("models")
+def models() -> None:
+    """List the models in fedrad's registry."""
+    for name in list_models():
+        typer.echo(name)
+
+
+def main() -> None:
+    """Entry point of the ``fedrad`` console script."""
+    app()

@@ -1,0 +1,97 @@
+"""``fedrad demo`` end to end, small: synthetic DICOM sites -> caches -> Flower simulation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedrad.cli import app
+from fedrad.simulations.demo import DemoOptions, run_demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def test_demo_runs_a_federation_and_writes_pooled_metrics(tmp_path: Path) -> None:
+    reports = []
+    opts = DemoOptions(
+        out_dir=tmp_path / "demo", num_sites=3, images_per_site=40, workers=1,
+        overrides={"num-server-rounds": 2, "image-size": 48, "local-epochs": 1},
+    )
+    result = run_demo(opts, say=lambda text: None, on_round=reports.append)
+    assert [r.server_round for r in reports] == [1, 2]
+    assert len(result.prepared) == 4  # three sites and the central test set
+    rows = reports[-1].rows
+    assert {"pooled", "central", "site:site-1", "site:site-2", "site:site-3"} <= set(rows)
+    pooled = rows["pooled"]
+    for key in ("accuracy", "sensitivity", "specificity", "f1", "auc"):
+        assert key in pooled
+    # pooled n is the sum of the sites' held-out samples, not an average
+    assert pooled["n"] == sum(rows[f"site:site-{i}"]["n"] for i in (1, 2, 3))
+    run_dir = result.run_dir
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert history
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        scopes = {(row["round"], row["scope"]) for row in csv.DictReader(fh)}
+    assert ("2", "pooled") in scopes and ("2", "central") in scopes
+    assert (run_dir / "checkpoints" / "round-001.pt").is_file()
+    assert (run_dir / "model-latest.pt").is_file()
+
+
+def test_demo_cli_rejects_unknown_setting(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--set", "local-epoch=2"])
+    assert result.exit_code == 2
+    assert "local-epoch" in result.output and "local-epochs" in result.output
+
+
+def test_demo_cli_rejects_missing_dataset(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.npz"
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "o"),
+                                      "--data-path", str(missing)])
+    assert result.exit_code == 2
+    assert "nope.npz" in result.output
+
+
+def test_demo_leaves_out_a_site_without_usable_images(tmp_path: Path, monkeypatch) -> None:
+    import fedrad.simulations.demo as demo_mod
+    from fedrad.common.errors import SiteDataError
+
+    real_prepare = demo_mod.prepare_site
+    launched = {}
+
+    def prepare(dicom_dir, labels_csv, out_dir, settings, *, site_id, workers):
+        if site_id == "site-2":
+            raise SiteDataError("no-usable-image", "site 5f3a has no usable image")
+        return real_prepare(dicom_dir, labels_csv, out_dir, settings, site_id=site_id,
+                            workers=workers)
+
+    def fake_simulation(server_app, client_app, num_sites):
+        launched["num_sites"] = num_sites
+
+    monkeypatch.setattr(demo_mod, "prepare_site", prepare)
+    monkeypatch.setattr(demo_mod, "run_in_simulation", fake_simulation)
+    said = []
+    opts = DemoOptions(out_dir=tmp_path / "demo", num_sites=3, images_per_site=12, workers=1,
+                       overrides={"num-server-rounds": 1, "image-size": 32})
+    with pytest.raises(Exception, match="completed 0 of 1 rounds"):
+        run_demo(opts, say=said.append)
+    assert launched["num_sites"] == 2
+    assert any("site-2: left out" in s and "no-usable-image" in s for s in said)
+    assert any("Continuing with the 2 sites" in s for s in said)
+
+
+def test_demo_stops_when_too_few_sites_remain(tmp_path: Path, monkeypatch) -> None:
+    import fedrad.simulations.demo as demo_mod
+    from fedrad.common.errors import SiteDataError
+
+    def prepare(*args, site_id, **kwargs):
+        raise SiteDataError("no-usable-image", f"site {site_id} has no usable image")
+
+    monkeypatch.setattr(demo_mod, "prepare_site", prepare)
+    opts = DemoOptions(out_dir=tmp_path / "demo", num_sites=2, images_per_site=12, workers=1,
+                       overrides={"num-server-rounds": 1, "image-size": 32})
+    with pytest.raises(SiteDataError, match="too-few-sites"):
+        run_demo(opts, say=lambda s: None)
