@@ -95,3 +95,35 @@ def test_demo_stops_when_too_few_sites_remain(tmp_path: Path, monkeypatch) -> No
                        overrides={"num-server-rounds": 1, "image-size": 32})
     with pytest.raises(SiteDataError, match="too-few-sites"):
         run_demo(opts, say=lambda s: None)
+
+
+def test_demo_on_a_multiclass_npz_reports_per_class_and_macro_metrics(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 3, n)
+        images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
+        for cls in range(3):  # each class brightens its own band of rows
+            images[labels == cls, 9 * cls:9 * cls + 9, :] += 150
+        return images, labels.reshape(-1, 1).astype(np.uint8)
+
+    arrays = {}
+    for name, n in (("train", 150), ("val", 30), ("test", 60)):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
+    npz = tmp_path / "bandsmnist.npz"
+    np.savez(npz, **arrays)
+    reports = []
+    opts = DemoOptions(out_dir=tmp_path / "demo", data_path=npz, num_sites=3, alpha=5.0,
+                       workers=1, overrides={"num-server-rounds": 2, "image-size": 32})
+    result = run_demo(opts, say=lambda text: None, on_round=reports.append)
+    assert result.settings.num_classes == 3
+    central = reports[-1].rows["central"]
+    assert central["n"] == 60
+    for key in ("accuracy", "macro-sensitivity", "macro-specificity", "macro-f1", "macro-auc"):
+        assert key in central
+    classes = result.settings.classes
+    assert len(classes) == 3
+    assert f"{classes[2]}/auc" in reports[-1].rows["pooled"]
+    assert "macro-auc" in reports[-1].table
