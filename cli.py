@@ -6,6 +6,7 @@ import typer
 
 from fedrad.client.cli import site_app
 from fedrad.common.models import list_models
+from fedrad.server.cli import certs_app
 from fedrad.simulations.cli import demo
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command("demo")(demo)
 app.add_typer(site_app, name="site")
+app.add_typer(certs_app, name="certs")
 
 
 @app.command("models")

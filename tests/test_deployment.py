@@ -2,6 +2,9 @@
 
 Each SuperNode points at its own site cache with ``--node-config``; the run must come
 back with pooled metrics for both rounds, and every process started here is stopped.
+The second test runs the same federation with TLS (certificates from ``fedrad certs``)
+and SuperNode authentication, and shows that a SuperNode with an unregistered key or
+one trusting another CA is refused.
 """
 
 from __future__ import annotations
@@ -19,42 +22,20 @@ import pytest
 
 from fedrad.client.prepare import prepare_site
 from fedrad.common.config import load_settings
+from fedrad.server import certs
 from fedrad.simulations.synthetic import generate_synthetic_federation
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+ROUNDS = 2
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited early with code {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -71,77 +52,162 @@ def site_caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     ]
 
 
+class LoopbackFederation:
+    """Starts and stops the Flower processes of one test, logging each to a file."""
+
+    def __init__(self, tmp_path: Path, study: Path | None = None) -> None:
+        self.tmp = tmp_path
+        self.study = certs.StudyPaths(study) if study else None
+        self.port = _free_port()
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.procs: list[subprocess.Popen] = []
+        home = tmp_path / "flwr-home"
+        home.mkdir()
+        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "PYTHONUNBUFFERED": "1"}
+        security = (f'root-certificates = "{self.study.ca_cert}"\n' if self.study
+                    else "insecure = true\n")
+        (home / "config.toml").write_text(
+            "[superlink]\ndefault = \"loopback\"\n\n"
+            f"[superlink.loopback]\naddress = \"127.0.0.1:{self.port}\"\n{security}"
+        )
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        out = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                cwd=self.tmp, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> None:
+        args = [str(BIN / "flower-superlink"), "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if self.study:
+            args += ["--ssl-ca-certfile", str(self.study.ca_cert),
+                     "--ssl-certfile", str(self.study.server_cert),
+                     "--ssl-keyfile", str(self.study.server_key), "--enable-supernode-auth"]
+        else:
+            args.append("--insecure")
+        link = self.start("superlink", args)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert link.poll() is None, self.diagnostics("the SuperLink exited early")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(self.diagnostics("the SuperLink did not open its port"))
+
+    def supernode_args(self, cache: Path, site_id: str, *, ca: Path | None = None,
+                       key: Path | None = None) -> list[str]:
+        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(_free_port()),
+                "--node-config", f'data-dir="{cache}" site-id="{site_id}"']
+        if self.study:
+            args += ["--root-certificates", str(ca or self.study.ca_cert)]
+            if key is not None:
+                args += ["--auth-supernode-private-key", str(key)]
+        else:
+            args.append("--insecure")
+        return args
+
+    def flwr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.tmp,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def diagnostics(self, headline: str, output: str = "") -> str:
+        parts = [headline, f"flwr output:\n{output[-4000:]}"]
+        for log_file in sorted(self.logs.iterdir()):
+            parts.append(f"{log_file.name}:\n{log_file.read_text()[-1500:]}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def _run_and_check(fed: LoopbackFederation, out_dir: Path) -> dict:
+    run_config = (
+        f'num-server-rounds={ROUNDS} image-size=32 model="resnet18" local-epochs=1 '
+        f'min-sites=3 out-dir="{out_dir}" class-names="normal,opacity"'
+    )
+    result = fed.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", run_config)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, fed.diagnostics("flwr run failed", output)
+    assert "ServerApp raised an exception" not in output, fed.diagnostics("ServerApp", output)
+    metrics_file = out_dir / "metrics.json"
+    assert metrics_file.is_file(), fed.diagnostics("no metrics.json", output)
+    text = metrics_file.read_text()
+    for site in ("site:site-1", "site:site-2", "site:site-3"):
+        assert site in text, fed.diagnostics(f"no {site} row", output)
+    assert (out_dir / "checkpoints" / f"round-{ROUNDS:03d}.pt").is_file()
+    pooled = [r for r in (out_dir / "metrics.csv").read_text().splitlines() if ",pooled," in r]
+    assert len(pooled) == ROUNDS
+    return json.loads(text)
+
+
 def test_flwr_run_against_superlink_and_three_supernodes(
     tmp_path: Path, site_caches: list[Path]
 ) -> None:
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    (tmp_path / "flwr-home").mkdir()
-    link_port = _free_port()
-    (tmp_path / "flwr-home" / "config.toml").write_text(
-        "[superlink]\ndefault = \"loopback\"\n\n"
-        f"[superlink.loopback]\naddress = \"127.0.0.1:{link_port}\"\ninsecure = true\n"
-    )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, args: list[str]) -> subprocess.Popen:
-        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                cwd=tmp_path, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    out_dir = tmp_path / "run-out"
+    fed = LoopbackFederation(tmp_path)
     try:
-        link = start("superlink", [
-            str(BIN / "flower-superlink"), "--insecure", "--port", str(link_port),
-            "--disable-runtime-dependency-installation",
-        ])
-        _wait_for_port(link_port, link)
+        fed.start_superlink()
         for i, cache in enumerate(site_caches):
-            start(f"supernode-{i}", [
-                str(BIN / "flower-supernode"), "--insecure",
-                "--superlink", f"127.0.0.1:{link_port}",
-                "--port", str(_free_port()),
-                "--node-config", f'data-dir="{cache}" site-id="site-{i + 1}"',
-            ])
-        run_config = (
-            f'num-server-rounds=2 image-size=32 model="resnet18" local-epochs=1 '
-            f'min-sites=3 out-dir="{out_dir}" class-names="normal,opacity"'
-        )
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream",
-             "--run-config", run_config],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480,
-        )
-        output = result.stdout + result.stderr
-
-        def diagnostics() -> str:
-            parts = [f"flwr run output:\n{output[-4000:]}"]
-            for log_file in sorted(logs.iterdir()):
-                parts.append(f"{log_file.name}:\n{log_file.read_text()[-1500:]}")
-            return "\n".join(parts)
-
-        assert result.returncode == 0, diagnostics()
-        assert "ServerApp raised an exception" not in output, diagnostics()
-        metrics_file = out_dir / "metrics.json"
-        assert metrics_file.is_file(), diagnostics()
-        history = json.loads(metrics_file.read_text())
-        text = json.dumps(history)
-        for site in ("site:site-1", "site:site-2", "site:site-3"):
-            assert site in text, diagnostics()
-        assert (out_dir / "checkpoints" / "round-002.pt").is_file()
-        assert (out_dir / "metrics.csv").is_file()
-        csv_rows = (out_dir / "metrics.csv").read_text().splitlines()
-        pooled = [r for r in csv_rows if ",pooled," in r]
-        assert len(pooled) == 2, csv_rows
+            fed.start(f"supernode-{i}", fed.supernode_args(cache, f"site-{i + 1}"))
+        _run_and_check(fed, tmp_path / "run-out")
     finally:
-        _stop(procs)
-    assert all(p.poll() is not None for p in procs)
+        fed.stop()
+    assert all(p.poll() is not None for p in fed.procs)
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def test_tls_and_site_authentication(tmp_path: Path, site_caches: list[Path]) -> None:
+    study = tmp_path / "study"
+    certs.init_study(study, server_names=["localhost"], server_ips=["127.0.0.1"])
+    keys = [certs.add_site(study, f"site-{i + 1}") for i in range(3)]
+    stranger = certs.add_site(study, "not-registered")
+    other_ca = tmp_path / "other-study"
+    certs.init_study(other_ca, server_names=["localhost"], server_ips=["127.0.0.1"])
+
+    fed = LoopbackFederation(tmp_path, study=study)
+    try:
+        fed.start_superlink()
+        for key in keys:
+            reg = fed.flwr("supernode", "register", str(key.public_key), "loopback",
+                           timeout=120)
+            assert reg.returncode == 0, fed.diagnostics("register failed",
+                                                        reg.stdout + reg.stderr)
+        for i, (cache, key) in enumerate(zip(site_caches, keys, strict=True)):
+            fed.start(f"supernode-{i}",
+                      fed.supernode_args(cache, key.site_id, key=key.private_key))
+        # An unregistered key and a CA the SuperLink's certificate does not chain to are
+        # both refused: those SuperNodes exit with an error instead of joining.
+        intruder = fed.start("intruder-key", fed.supernode_args(
+            site_caches[0], "intruder", key=stranger.private_key) + ["--max-retries", "2"])
+        wrong_ca = fed.start("intruder-ca", fed.supernode_args(
+            site_caches[0], "intruder", key=keys[0].private_key,
+            ca=certs.StudyPaths(other_ca).ca_cert) + ["--max-retries", "2"])
+        _run_and_check(fed, tmp_path / "run-out")
+        for proc, name, reason in ((intruder, "intruder-key", "Failed to activate SuperNode"),
+                                   (wrong_ca, "intruder-ca", "CERTIFICATE_VERIFY_FAILED")):
+            code = _wait_exit(proc, 120)
+            assert code not in (None, 0), fed.diagnostics(f"{name} was not refused")
+            assert reason in (fed.logs / f"{name}.log").read_text(), fed.diagnostics(name)
+    finally:
+        fed.stop()
+    assert all(p.poll() is not None for p in fed.procs)
