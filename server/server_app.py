@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -37,7 +38,14 @@ from fedrad.common.training import predict_scores, select_device
 from .checkpoint import save_checkpoint
 from .evaluator import MetricsLog, format_final_summary, format_round_table
 
-__all__ = ["app", "make_server_app", "run_federation", "FedradFedAvg", "RoundReport"]
+__all__ = [
+    "app",
+    "make_server_app",
+    "run_federation",
+    "initial_model",
+    "FedradFedAvg",
+    "RoundReport",
+]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +206,12 @@ class _CentralEvaluator:
         return result
 
 
+def initial_model(settings: Settings) -> torch.nn.Module:
+    """The round-0 global model: seeded by ``seed``, or loaded from ``weights-path``."""
+    torch.manual_seed(settings.seed)
+    return model_from_settings(settings, weights_path=settings.weights_path or None)
+
+
 def run_federation(grid: Grid, settings: Settings,
                    on_round: RoundCallback | None = None) -> MetricsLog:
     """Run ``settings.num_server_rounds`` rounds of FedAvg on ``grid``.
@@ -209,7 +223,7 @@ def run_federation(grid: Grid, settings: Settings,
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(out_dir, settings.classes)
-    model = model_from_settings(settings, weights_path=settings.weights_path or None)
+    model = initial_model(settings)
     strategy = FedradFedAvg(settings, metrics_log)
     evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
     started = time.perf_counter()

@@ -102,3 +102,16 @@ def test_aggregate_evaluate_sums_counts_not_metrics(tmp_path: Path) -> None:
     rows = strategy.metrics_log.round_rows(1)
     assert set(rows) == {"pooled", "site:site-1", "site:site-2"}
     assert rows["pooled"]["n"] == 220
+
+
+def test_initial_global_model_depends_only_on_the_seed() -> None:
+    import torch
+
+    from fedrad.server.server_app import initial_model
+
+    def state(seed: int) -> dict:
+        return initial_model(load_settings({"seed": seed, "image-size": 32})).state_dict()
+
+    a, b, c = state(7), state(7), state(8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
