@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,45 +14,135 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedrad.common.config import load_settings, parse_overrides
 from fedrad.common.errors import FedradError
 
-from .prepare import prepare_site
+from .prepare import DEFAULT_MODALITIES, check_site, prepare_site
 
 console = Console()
 site_app = typer.Typer(help="Prepare and check a hospital site's data.", no_args_is_help=True)
 
+_MODALITY_HELP = ("Accepted modality (repeatable; '*' accepts all). Default: "
+                  + ", ".join(DEFAULT_MODALITIES) + ".")
+
+DicomDir = Annotated[Path, typer.Option("--dicom-dir", help="Folder of DICOM files.")]
+Labels = Annotated[Path, typer.Option("--labels", help="CSV with columns file,label.")]
+SiteId = Annotated[str, typer.Option("--site-id", help="This site's name.")]
+Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel processes.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Run setting key=value, e.g. --set image-size=64 (repeatable).")]
+AllowModality = Annotated[list[str] | None, typer.Option("--allow-modality",
+                                                         help=_MODALITY_HELP)]
+MinSize = Annotated[int, typer.Option("--min-size", min=1,
+                                      help="Smallest accepted rows / columns.")]
+MaxSize = Annotated[int, typer.Option("--max-size", min=1,
+                                      help="Largest accepted rows / columns.")]
+AllowBurnedIn = Annotated[bool, typer.Option(
+    "--allow-burned-in", help="Accept images marked BurnedInAnnotation = YES.")]
+Subgroups = Annotated[bool, typer.Option(
+    "--subgroup-fields", help="Keep sex and a 10-year age band per image (subgroup metrics).")]
+FileTimeout = Annotated[float, typer.Option(
+    "--file-timeout", min=1.0, help="Seconds one file may take (enforced with --workers > 1).")]
+SecretFile = Annotated[Path | None, typer.Option(
+    "--secret-file", help="File holding the site secret (default: site-secret in the cache "
+    "folder, created if absent).")]
+
+
+def _run_with_progress(label: str, call: Callable[[Callable[[int, int], None]], Any]) -> Any:
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task(label, total=None, rate="")
+
+        def on_progress(done: int, total: int) -> None:
+            elapsed = progress.tasks[task].elapsed or 0.0
+            rate = f"{done / elapsed:.0f} files/s" if elapsed > 0 else ""
+            progress.update(task, completed=done, total=total, rate=rate)
+
+        return call(on_progress)
+
+
+def _fail(err: FedradError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err}")
+    if err.local_detail:
+        console.print(f"  detail (local only): {err.local_detail}")
+    return typer.Exit(code=2)
+
+
+def _secret(secret_file: Path | None) -> str | None:
+    if secret_file is None:
+        return None
+    try:
+        return secret_file.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        console.print(f"[red]error:[/red] the secret file cannot be read: {e}")
+        raise typer.Exit(code=2) from e
+
 
 @site_app.command("prepare")
 def prepare(
-    dicom_dir: Annotated[Path, typer.Option("--dicom-dir", help="Folder of DICOM files.")],
-    labels: Annotated[Path, typer.Option("--labels", help="CSV with columns file,label.")],
+    dicom_dir: DicomDir,
+    labels: Labels,
     out: Annotated[Path, typer.Option("--out", help="Cache folder to write (stays here).")],
-    site_id: Annotated[str, typer.Option("--site-id", help="This site's name.")] = "site",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel processes.")] = 1,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Run setting key=value, e.g. --set image-size=64 (repeatable).")]
-    = None,
+    site_id: SiteId = "site",
+    workers: Workers = 1,
+    set_: SetOpt = None,
+    allow_modality: AllowModality = None,
+    min_size: MinSize = 16,
+    max_size: MaxSize = 16384,
+    allow_burned_in: AllowBurnedIn = False,
+    subgroup_fields: Subgroups = False,
+    file_timeout: FileTimeout = 120.0,
+    secret_file: SecretFile = None,
 ) -> None:
-    """Decode, de-identify and preprocess a site's DICOM into its local training cache."""
+    """Validate, de-identify, decode and preprocess a site's DICOM into its local cache."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         settings = load_settings(parse_overrides(set_))
-        with Progress(TextColumn("preparing"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                      console=console) as progress:
-            task = progress.add_task("prepare", total=None, rate="")
-
-            def on_progress(done: int, total: int) -> None:
-                elapsed = progress.tasks[task].elapsed or 0.0
-                rate = f"{done / elapsed:.0f} files/s" if elapsed > 0 else ""
-                progress.update(task, completed=done, total=total, rate=rate)
-
-            result = prepare_site(dicom_dir, labels, out, settings, site_id=site_id,
-                                  workers=workers, progress=on_progress)
+        result = _run_with_progress("preparing", lambda on_progress: prepare_site(
+            dicom_dir, labels, out, settings, site_id=site_id, workers=workers,
+            progress=on_progress, allowed_modalities=allow_modality or DEFAULT_MODALITIES,
+            min_size=min_size, max_size=max_size, allow_burned_in=allow_burned_in,
+            subgroup_fields=subgroup_fields, file_timeout=file_timeout,
+            site_secret=_secret(secret_file)))
     except FedradError as err:
-        console.print(f"[red]error:[/red] {err}")
-        if err.local_detail:
-            console.print(f"  detail (local only): {err.local_detail}")
-        raise typer.Exit(code=2) from None
+        raise _fail(err) from None
     console.print(f"{result.accepted} images cached in {result.cache_dir}, "
                   f"{result.rejected} quarantined ({result.seconds:.1f} s)")
     for code, count in sorted(result.reasons.items()):
         console.print(f"  {code}: {count}")
+
+
+@site_app.command("check")
+def check(
+    dicom_dir: DicomDir,
+    labels: Labels,
+    out_report: Annotated[Path | None, typer.Option(
+        "--out-report", help="Folder for check-report.json (site-local).")] = None,
+    site_id: SiteId = "site",
+    workers: Workers = 1,
+    set_: SetOpt = None,
+    allow_modality: AllowModality = None,
+    min_size: MinSize = 16,
+    max_size: MaxSize = 16384,
+    allow_burned_in: AllowBurnedIn = False,
+    subgroup_fields: Subgroups = False,
+    file_timeout: FileTimeout = 120.0,
+    secret_file: SecretFile = None,
+) -> None:
+    """Validate a site's DICOM like 'prepare' does, as a dry run: no pixels are written."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        settings = load_settings(parse_overrides(set_))
+        result = _run_with_progress("checking", lambda on_progress: check_site(
+            dicom_dir, labels, settings, site_id=site_id, workers=workers,
+            progress=on_progress, out_report=out_report,
+            allowed_modalities=allow_modality or DEFAULT_MODALITIES, min_size=min_size,
+            max_size=max_size, allow_burned_in=allow_burned_in,
+            subgroup_fields=subgroup_fields, file_timeout=file_timeout,
+            site_secret=_secret(secret_file)))
+    except FedradError as err:
+        raise _fail(err) from None
+    console.print(f"{result.accepted} images usable, {result.rejected} would be quarantined "
+                  f"({result.seconds:.1f} s)")
+    for code, count in sorted(result.reasons.items()):
+        console.print(f"  {code}: {count}")
+    if result.report is not None:
+        console.print(f"report: {result.report}")

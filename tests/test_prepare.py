@@ -162,6 +162,8 @@ def test_changed_settings_or_inputs_rebuild(tmp_path: Path) -> None:
 def test_two_workers_give_identical_output(prepared: tuple, tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     site, labels, out, first = prepared
+    (tmp_path / "w2").mkdir()
+    shutil.copy(out / "site-secret", tmp_path / "w2" / "site-secret")  # same hashed ids
     with caplog.at_level(logging.WARNING, logger="fedrad.client.prepare"):
         result = prepare_site(site, labels, tmp_path / "w2", SETTINGS, site_id="hospital-a",
                               workers=2)
@@ -286,3 +288,201 @@ def test_load_cache_errors(tmp_path: Path) -> None:
         load_cache(out)
     assert info.value.code == "bad-cache" and "version" in str(info.value)
     assert (out / QUARANTINE_FILE).is_file()
+
+
+# ------------------------------------------------------------- validation and hardening
+
+
+def _copy(src: str, dst: Path, **changes: str) -> None:
+    import pydicom
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not changes:
+        shutil.copy(CORPUS / src, dst)
+        return
+    ds = pydicom.dcmread(CORPUS / src)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(dst)
+
+
+@needs_corpus
+def test_validation_rules(tmp_path: Path) -> None:
+    site = tmp_path / "dicom"
+    _copy("pydicom-wheel/MR_small.dcm", site / "ok.dcm")  # MR 64 x 64
+    _copy("pydicom-wheel/CT_small.dcm", site / "big.dcm")  # CT 128 x 128
+    _copy("pydicom-wheel/dicomdirtests/77654033/CR1/6154", site / "tiny.dcm")  # CR 16 x 16
+    _copy("pydicom-wheel/ExplVR_BigEnd.dcm", site / "us.dcm")  # US
+    _copy("pydicom-wheel/MR_small.dcm", site / "burned.dcm", BurnedInAnnotation="YES",
+          SOPInstanceUID="1.2.3.4.5.6.7")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{n}.dcm,0\n" for n in
+                                                ("ok", "big", "tiny", "us", "burned")))
+    rules = {"allowed_modalities": ["ct", "MR", "CR"], "min_size": 50, "max_size": 100}
+    result = prepare_site(site, labels, tmp_path / "c1", SETTINGS, **rules)
+    assert result.accepted == 1
+    assert result.reasons == {"burned-in-annotation": 1, "modality-not-allowed": 1,
+                              "too-large": 1, "too-small": 1}
+    for record in read_quarantine(tmp_path / "c1"):
+        assert str(site) not in record["message"] and "local_path" in record
+    allowed = prepare_site(site, labels, tmp_path / "c2", SETTINGS, allow_burned_in=True,
+                           allowed_modalities=["*"], min_size=1)
+    assert allowed.accepted == 5 and allowed.rejected == 0
+    records = load_cache(tmp_path / "c2").meta["records"]
+    assert [r["modality"] for r in records] == ["CT", "MR", "MR", "CR", "US"]
+    assert [(r["rows"], r["cols"]) for r in records][:2] == [(128, 128), (64, 64)]
+    assert records[0]["pixel_spacing"] == pytest.approx(0.661468)
+    assert records[0]["transfer_syntax"] == "Explicit VR Little Endian"
+
+
+@needs_corpus
+def test_filesystem_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "dicom"
+    _copy("pydicom-wheel/MR_small.dcm", site / "ok.dcm")
+    _copy("pydicom-wheel/CT_small.dcm", site / "locked.dcm")
+    (site / "empty.dcm").write_bytes(b"")
+    (site / "text.dcm").write_text("this is not DICOM\n")
+    (site / "folder.dcm").mkdir()
+    outside = tmp_path / "elsewhere.dcm"
+    shutil.copy(CORPUS / "pydicom-wheel" / "CT_small.dcm", outside)
+    (site / "link_out.dcm").symlink_to(outside)
+    (site / "link_in.dcm").symlink_to(site / "ok.dcm")
+    (site / "dangling.dcm").symlink_to(tmp_path / "nothing.dcm")
+    (site / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    names = ("ok", "locked", "empty", "text", "folder", "link_out", "link_in", "dangling")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{n}.dcm,0\n" for n in names))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False
+                        if Path(p).name == "locked.dcm" else real_access(p, mode, *a, **k))
+    (site / "closed").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:  # tests run as root: simulate a closed folder
+        if isinstance(path, (str, os.PathLike)) and Path(path).name == "closed":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = prepare_site(site, labels, tmp_path / "cache", SETTINGS)
+    by_name = {Path(r["local_path"]).name: r for r in read_quarantine(tmp_path / "cache")}
+    assert {n: r["code"] for n, r in by_name.items()} == {
+        "locked.dcm": "unreadable", "empty.dcm": "empty-file", "text.dcm": "not-dicom",
+        "folder.dcm": "not-a-file", "link_out.dcm": "outside-folder",
+        "dangling.dcm": "broken-link", "linked_dir": "outside-folder",
+        "ok.dcm": "duplicate",  # link_in.dcm (a link inside the folder) sorts first
+        "closed": "unreadable"}
+    assert result.accepted == 1
+    for record in by_name.values():
+        assert str(tmp_path) not in record["message"] and record["message"].endswith(".")
+
+
+@needs_corpus
+def test_disk_full_keeps_the_previous_cache(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from fedrad.common import cache as cache_module
+
+    site, labels = _make_site(tmp_path)
+    out = tmp_path / "cache"
+    first = prepare_site(site, labels, out, SETTINGS)
+    before = (out / IMAGES_FILE).read_bytes(), (out / MANIFEST_FILE).read_text()
+    shutil.copy(CORPUS / "pydicom-wheel" / "MR_small.dcm", site / "new.dcm")  # forces a rebuild
+
+    def full_disk(images: object, tmp: Path) -> tuple[int, int, int]:
+        tmp.write_bytes(b"\x93NUMPY half written")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    monkeypatch.setattr(cache_module, "_stack_uint8", full_disk)
+    with pytest.raises(SiteDataError) as info:
+        prepare_site(site, labels, out, SETTINGS)
+    err = info.value
+    assert err.code == "disk-full" and "disk" in str(err) and "full" in str(err)
+    assert str(tmp_path) not in str(err) and str(out) in (err.local_detail or "")
+    assert ((out / IMAGES_FILE).read_bytes(), (out / MANIFEST_FILE).read_text()) == before
+    assert len(load_cache(out)) == first.accepted
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    monkeypatch.undo()
+    again = prepare_site(site, labels, out, SETTINGS)
+    assert again.resumed == 7 and again.reasons["unlabelled"] == 2  # decoded work was kept
+    assert not (out / ".partial").exists()
+
+
+@needs_corpus
+def test_interrupted_prepare_resumes_to_the_same_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedrad.client import prepare as prepare_module
+
+    site, labels = _make_site(tmp_path)
+    full = prepare_site(site, labels, tmp_path / "full", SETTINGS, site_secret="s3cret")
+    out = tmp_path / "resumed"
+    real = prepare_module._process_one
+    calls: list[str] = []
+
+    def interrupt_after_three(job: tuple) -> tuple:
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(prepare_module, "_process_one", interrupt_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_site(site, labels, out, SETTINGS, site_secret="s3cret")
+    assert not (out / MANIFEST_FILE).exists()
+    assert len(list((out / ".partial").glob("*.json"))) == 3
+
+    def counting(job: tuple) -> tuple:
+        calls.append(job[0])
+        return real(job)
+
+    calls.clear()
+    monkeypatch.setattr(prepare_module, "_process_one", counting)
+    resumed = prepare_site(site, labels, out, SETTINGS, site_secret="s3cret")
+    assert resumed.resumed == 3 and len(calls) == 7 - 3
+    assert (resumed.accepted, resumed.reasons) == (full.accepted, full.reasons)
+    for name in (IMAGES_FILE, LABELS_FILE):
+        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    assert load_cache(out).meta["records"] == load_cache(tmp_path / "full").meta["records"]
+    assert read_quarantine(out) == read_quarantine(tmp_path / "full")
+    assert not (out / ".partial").exists()
+
+
+@needs_corpus
+def test_check_site_is_a_dry_run(prepared: tuple, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedrad.cli import app
+    from fedrad.client.prepare import check_site
+
+    site, labels, _, first = prepared
+    report_dir = tmp_path / "report"
+    result = check_site(site, labels, SETTINGS, out_report=report_dir)
+    assert (result.accepted, result.rejected, result.reasons) == (
+        first.accepted, first.rejected, first.reasons)
+    assert sorted(p.name for p in report_dir.iterdir()) == ["check-report.json",
+                                                           "site-secret"]
+    report = json.loads((report_dir / "check-report.json").read_text())
+    assert report["reasons"] == first.reasons and report["accepted"] == 4
+    assert len(report["quarantine"]) == first.rejected
+    cli = CliRunner().invoke(app, ["site", "check", "--dicom-dir", str(site), "--labels",
+                                   str(labels), "--set", "image-size=32", "--set",
+                                   "class-names=normal,abnormal"])
+    assert cli.exit_code == 0, cli.output
+    assert "4 images usable, 6 would be quarantined" in cli.output
+    assert "duplicate: 1" in cli.output
+
+
+def test_a_file_over_the_time_limit_is_stopped() -> None:
+    import time
+
+    from fedrad.client.prepare import _run_jobs
+
+    results: dict[int, object] = {}
+    start = time.monotonic()
+    _run_jobs([0.01, 600.0, 0.01, 0.01, 0.01], range(5), 2, 3.0,
+              lambda i, r: results.__setitem__(i, r), func=time.sleep)
+    assert time.monotonic() - start < 60
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    assert results[1][:2] == ("error", "timeout")
+    assert all(results[i] is None for i in (0, 2, 3, 4))  # the others still ran
