@@ -15,6 +15,12 @@ from fedrad.common.config import load_settings, parse_overrides
 from fedrad.common.errors import FedradError
 
 from .prepare import DEFAULT_MODALITIES, check_site, prepare_site
+from .readiness import (
+    build_readiness,
+    readiness_text,
+    write_readiness,
+    write_shareable_summary,
+)
 
 console = Console()
 site_app = typer.Typer(help="Prepare and check a hospital site's data.", no_args_is_help=True)
@@ -103,11 +109,24 @@ def prepare(
             subgroup_fields=subgroup_fields, file_timeout=file_timeout,
             site_secret=_secret(secret_file)))
     except FedradError as err:
+        if err.code == "no-usable-image" and (out / "quarantine.jsonl").is_file():
+            _write_readiness(out)
         raise _fail(err) from None
     console.print(f"{result.accepted} images cached in {result.cache_dir}, "
                   f"{result.rejected} quarantined ({result.seconds:.1f} s)")
     for code, count in sorted(result.reasons.items()):
         console.print(f"  {code}: {count}")
+    _write_readiness(result.cache_dir)
+
+
+def _write_readiness(cache_dir: Path) -> None:
+    """Write the readiness report and the shareable summary next to the cache."""
+    report = build_readiness(cache_dir)
+    paths = write_readiness(report, cache_dir)
+    summary = write_shareable_summary(report, cache_dir)
+    console.print(readiness_text(report))
+    console.print(f"readiness report: {paths[1]} (summary to share with the coordinator: "
+                  f"{summary})")
 
 
 @site_app.command("check")
