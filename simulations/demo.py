@@ -41,8 +41,9 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 5,
     "local-epochs": 2,
     "batch-size": 32,
-    "learning-rate": 0.05,
-    "optimizer": "sgd",
+    "learning-rate": 0.001,
+    "lr-decay": 0.8,
+    "optimizer": "adam",
     "min-sites": 2,
 }
 
