@@ -372,6 +372,38 @@ def _modality_lut(arr: np.ndarray, ds: Any, frame: int) -> np.ndarray:
     return arr
 
 
+def _luts_elementwise(arr: np.ndarray, ds: Any, frame: int, voi_policy: str) -> np.ndarray:
+    pixels = _modality_lut(arr, ds, frame)
+    if voi_policy == "auto":
+        from pydicom.pixels import apply_voi_lut
+
+        pixels = apply_voi_lut(pixels, ds, index=0)
+    return np.asarray(pixels, dtype=np.float64)
+
+
+#: Largest stored-value range turned into a lookup table (the table has one entry per value).
+_MAX_TABLE = 1 << 17
+
+
+def _grey_luts(arr: np.ndarray, ds: Any, frame: int, voi_policy: str) -> np.ndarray:
+    """Apply the Modality LUT and the VOI LUT (per policy) to a greyscale frame.
+
+    Both LUTs map each stored value independently, so for integer images they are applied
+    once per possible stored value in the image's range and the result is looked up: the
+    same values (to float32 precision, the precision of the decoded image), without
+    transforming every pixel of a large radiograph in float64.
+    """
+    if arr.dtype.kind not in "iu" or arr.size < 4096:
+        return _luts_elementwise(arr, ds, frame, voi_policy)
+    lo, hi = int(arr.min()), int(arr.max())
+    start = 0 if lo >= 0 else lo  # unsigned-range tables are indexed by the values themselves
+    if hi - start >= _MAX_TABLE or (hi - start + 1) * 4 > arr.size:
+        return _luts_elementwise(arr, ds, frame, voi_policy)
+    values = np.arange(start, hi + 1, dtype=arr.dtype).reshape(1, -1)
+    table = _luts_elementwise(values, ds, frame, voi_policy).ravel().astype(np.float32)
+    return table[arr] if start == 0 else table[arr.astype(np.int32) - start]
+
+
 def _to_grey(arr: np.ndarray, ds: Any, layout: _Layout, path: Path) -> np.ndarray:
     if layout.photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
@@ -472,12 +504,7 @@ def _decode(path: Path, frame_policy: str, voi_policy: str, max_pixels: int) -> 
             if arr.ndim != 2:
                 raise _error("unsupported-layout", "The greyscale frame does not decode to "
                              "a 2-D array.", path)
-            pixels = _modality_lut(arr, ds, frame)
-            if voi_policy == "auto":
-                from pydicom.pixels import apply_voi_lut
-
-                pixels = apply_voi_lut(pixels, ds, index=0)
-            pixels = np.asarray(pixels, dtype=np.float64)
+            pixels = _grey_luts(arr, ds, frame, voi_policy)
         else:
             pixels = _to_grey(arr, ds, layout, path)
         pixels = _make_finite(pixels, path)

@@ -257,3 +257,20 @@ def test_bad_policy_is_a_value_error(tmp_path: Path) -> None:
         decode_dicom(tmp_path / "x.dcm", frame_policy="last")
     with pytest.raises(ValueError, match="voi_policy"):
         decode_dicom(tmp_path / "x.dcm", voi_policy="window")
+
+
+@pytest.mark.parametrize("name", ["pydicom-wheel/CT_small.dcm", "pydicom-data/mlut_18.dcm",
+                                  "pydicom-data/vlut_04.dcm", "pydicom-data/RG1_J2KI.dcm"])
+def test_lut_lookup_table_equals_per_pixel_luts(name: str, monkeypatch) -> None:
+    """The per-value LUT table gives the same image as applying the LUTs to every pixel."""
+    import fedrad.common.dicom as dicom_mod
+
+    path = CORPUS / name
+    if not path.is_file():
+        pytest.skip(f"{name} not in the corpus")
+    fast = dicom_mod.decode_dicom(path).pixels
+    monkeypatch.setattr(dicom_mod, "_grey_luts", dicom_mod._luts_elementwise)
+    slow = dicom_mod.decode_dicom(path).pixels
+    span = float(slow.max() - slow.min()) or 1.0
+    assert fast.shape == slow.shape
+    assert float(np.abs(fast - slow).max()) / span < 1e-6
