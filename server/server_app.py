@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +53,15 @@ log = logging.getLogger(__name__)
 RoundCallback = Callable[["RoundReport"], None]
 
 
+@dataclass
 class RoundReport:
     """What the server knows after one round: pooled, per-site and central metrics."""
 
-    def __init__(self, server_round: int, num_rounds: int, rows: dict[str, dict[str, Any]],
-                 table: str, failures: list[str]) -> None:
-        self.server_round = server_round
-        self.num_rounds = num_rounds
-        self.rows = rows
-        self.table = table
-        self.failures = failures
+    server_round: int
+    num_rounds: int
+    rows: dict[str, dict[str, Any]]
+    table: str
+    failures: list[str]
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
