@@ -26,6 +26,7 @@ from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError
 from fedrad.server.server_app import RoundReport, make_server_app
 
+from .dicom_writer import ScannerProfile
 from .engine import run_in_simulation
 from .medmnist import write_medmnist_federation
 from .synthetic import generate_synthetic_federation
@@ -61,6 +62,15 @@ MEDMNIST_DEFAULTS: dict[str, Any] = {
     "denoise-sigma": 0.0,
     "min-sites": 2,
 }
+
+
+#: The coordinator's copy of a dataset's official test split keeps its original 8-bit pixels
+#: (no simulated scanner noise), so central scores compare with the dataset's published ones.
+ORIGINAL_PIXELS = ScannerProfile(
+    name="original", manufacturer="Dataset", model_name="official test split",
+    noise_std=0.0, contrast=1.0, bits_stored=8, photometric="MONOCHROME2",
+    transfer_syntax="explicit-le", modality="DX", institution="Coordinator",
+)
 
 
 @dataclass
@@ -105,6 +115,7 @@ def _federation(opts: DemoOptions, sites_root: Path, image_size: int):
     return write_medmnist_federation(
         opts.data_path, sites_root, num_sites=opts.num_sites, alpha=opts.alpha, seed=opts.seed,
         max_train_per_site=opts.max_train_per_site, workers=opts.workers, overwrite=True,
+        test_profile=ORIGINAL_PIXELS,
     )
 
 
