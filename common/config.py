@@ -74,6 +74,21 @@ class Settings:
         "prepared cache of a held-out set for central evaluation (empty: none)"))
     class_names: str = field(default="", metadata=_meta(
         "comma-separated class names, in label order (empty: class-0, class-1, ...)"))
+    secure_aggregation: bool = field(default=True, metadata=_meta(
+        "SecAgg+ secure aggregation of training updates and evaluation counts: the server "
+        "only ever sees sums (off: plain FedAvg with per-site evaluation rows)"))
+    secagg_threshold: int = field(default=0, metadata=_meta(
+        "shares needed to unmask (t); a round survives up to n - t dropouts after masking "
+        "(0: a majority of each neighbourhood, at least 2)", minimum=0))
+    secagg_degree: int = field(default=0, metadata=_meta(
+        "SecAgg+ neighbours per site, even (0: every other site, plain SecAgg)", minimum=0))
+    secagg_clip: float = field(default=16.0, metadata=_meta(
+        "secure aggregation clips each update value to +-this before fixed-point encoding",
+        minimum=1.0))
+    secagg_max_examples: int = field(default=1000000, metadata=_meta(
+        "public upper bound on the cohort's total training samples, used as the weight "
+        "normaliser in the first secure round (later rounds use the securely summed total)",
+        minimum=1))
 
     def to_run_config(self) -> dict[str, Any]:
         """Return the settings as a flat kebab-case mapping (Flower's run-config form)."""
@@ -177,6 +192,13 @@ def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any)
             f"'class-names' lists {len(settings.classes)} names but 'num-classes' is "
             f"{settings.num_classes}; give one name per class"
         )
+    if settings.secagg_degree % 2:
+        raise ConfigError(
+            f"'secagg-degree' must be even (or 0 for every other site); got "
+            f"{settings.secagg_degree}"
+        )
+    if settings.secagg_threshold == 1:
+        raise ConfigError("'secagg-threshold' must be 0 (automatic) or at least 2; got 1")
     return settings
 
 
