@@ -20,8 +20,10 @@ which on a shared machine include time spent waiting for the CPU):
 Targets (issue 4): ``mask <= 0.25 s`` and ``unmask <= 0.15 s`` for ResNet-18 at n = 10 on
 ONE core.  numpy element-wise ops and OpenSSL are single-threaded here; the script also pins
 itself to one CPU (``--no-pin`` to disable; ``taskset -c 0 python ...`` does the same from
-the shell).  Flower's SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``) is not compared
-yet.
+the shell).  A second table runs Flower's own SecAgg+ (``SecAggPlusWorkflow`` +
+``secaggplus_mod`` on the legacy ``NumPyClient`` path, the only one it supports) on
+updates of the same shapes, in this process, and compares whole rounds (``--no-flower``
+skips it).
 
 Usage (fedrad must be importable)::
 
@@ -44,6 +46,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
 
 from fedrad.common.secagg import SecAggClient, SecAggParams, SecAggServer  # noqa: E402
 
@@ -160,6 +163,206 @@ def one_round(
     }
 
 
+# --------------------------------------------------------------------------------------
+# Flower's own SecAgg+ (legacy path: NumPyClient + secaggplus_mod, SecAggPlusWorkflow), run
+# in this process over a grid that hands every message straight to the sites' ClientApps, so
+# the sites' and the server's CPU seconds can be told apart without Ray or gRPC in the way.
+# --------------------------------------------------------------------------------------
+
+
+def model_shapes(name: str) -> list[tuple[int, ...]]:
+    """Per-tensor float shapes of a torchvision model (Flower's clients send lists)."""
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    return [tuple(v.shape) for v in model.state_dict().values() if v.is_floating_point()]
+
+
+class DirectGrid(Grid):
+    """A Flower ``Grid`` that calls each node's ClientApp in this process.
+
+    Every call is timed (CPU seconds of this process) and charged to the node it ran on;
+    whatever else the workflow spends is the server's.
+    """
+
+    def __init__(self, apps: dict, node_ids: list[int]) -> None:
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.run import Run
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # Flower stamps the run and sender of new messages from the task's identity.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self._run = Run.create_empty(1)
+        self.apps = apps
+        self.node_ids = node_ids
+        self.contexts = {n: Context(1, n, {}, RecordDict(), {}) for n in node_ids}
+        self.client_cpu = {n: 0.0 for n in node_ids}
+        self.replies: dict[str, object] = {}
+        self.bytes = 0
+
+    # the Grid interface -----------------------------------------------------------
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+        self._run = run
+
+    @property
+    def run(self):  # noqa: ANN201 - Flower's Run
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        from flwr.app import Message
+
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        """Deliver each message as its serialised bytes, as the wire would."""
+        import uuid
+
+        from flwr.common.serde import message_from_proto, message_to_proto
+        from flwr.proto.message_pb2 import Message as ProtoMessage
+
+        def wire(msg):  # noqa: ANN001, ANN202
+            data = message_to_proto(msg).SerializeToString()
+            self.bytes += len(data)
+            return message_from_proto(ProtoMessage.FromString(data))
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            msg.metadata.__dict__["_run_id"] = 1
+            msg.metadata.__dict__["_src_node_id"] = 1
+            node = msg.metadata.dst_node_id
+            delivered = wire(msg)
+            started = time.process_time()
+            reply = wire(self.apps[node](delivered, self.contexts[node]))
+            self.client_cpu[node] += time.process_time() - started
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list:  # noqa: ANN001
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list:  # noqa: ANN001
+        return self.pull_messages(self.push_messages(messages))
+
+
+def _client_fn_for(site):  # noqa: ANN001, ANN202 - a Flower NumPyClient
+    from flwr.app import Context
+
+    def client_fn(context: Context):  # noqa: ANN202 - Flower inspects this signature
+        return site.to_client()
+
+    return client_fn
+
+
+def flower_round(shapes: list[tuple[int, ...]], n: int, threshold: int, *, secure: bool,
+                 seed: int) -> dict:
+    """One fit round of Flower's legacy FedAvg, with or without SecAgg+; CPU seconds."""
+    import logging
+
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+    from flwr.common import ndarrays_to_parameters
+    from flwr.common.logger import FLOWER_LOGGER
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+    from flwr.server.workflow.default_workflows import default_fit_workflow
+
+    FLOWER_LOGGER.setLevel(logging.WARNING)
+    rng = np.random.default_rng(seed)
+    base = [rng.normal(0.0, 0.05, s).astype(np.float32) for s in shapes]
+    node_ids = list(range(101, 101 + n))
+
+    class Site(NumPyClient):
+        def __init__(self, scale: float, examples: int) -> None:
+            self.scale, self.examples = scale, examples
+
+        def fit(self, parameters, config):  # noqa: ANN001, ANN201
+            return [b * np.float32(self.scale) for b in base], self.examples, {}
+
+    apps = {}
+    for i, node in enumerate(node_ids):
+        site = Site(1.0 + 0.1 * i, 100 + 10 * i)
+        apps[node] = ClientApp(client_fn=_client_fn_for(site),
+                               mods=[secaggplus_mod] if secure else [])
+    grid = DirectGrid(apps, node_ids)
+    strategy = LegacyFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
+                            min_available_clients=n,
+                            initial_parameters=ndarrays_to_parameters(base))
+    context = LegacyContext(Context(1, 1, {}, RecordDict(), {}), config=ServerConfig(1),
+                            strategy=strategy, client_manager=SimpleClientManager())
+    for node in node_ids:
+        context.client_manager.register(GridClientProxy(node_id=node, grid=grid, run_id=1))
+    context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(
+        strategy.initial_parameters, keep_input=True)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {Key.CURRENT_ROUND: 1, Key.START_TIME: time.time()})
+    workflow = (SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=threshold)
+                if secure else default_fit_workflow)
+    started_cpu, started_wall = time.process_time(), time.perf_counter()
+    workflow(grid, context)
+    total_cpu = time.process_time() - started_cpu
+    wall = time.perf_counter() - started_wall
+    clients = sum(grid.client_cpu.values())
+    result = [np.asarray(a) for a in
+              context.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()]
+    weights = np.array([100 + 10 * i for i in range(n)], dtype=np.float64)
+    scales = np.array([1.0 + 0.1 * i for i in range(n)])
+    factor = float(np.dot(weights, scales) / weights.sum())
+    err = max(float(np.abs(r.astype(np.float64) - b.astype(np.float64) * factor).max())
+              for r, b in zip(result, base, strict=True))
+    return {"client": clients / n, "server": total_cpu - clients, "wall": wall, "err": err,
+            "dtype": str(result[0].dtype)}
+
+
+def compare_with_flower(ours: dict[tuple[str, int], tuple[dict, int]]) -> bool:
+    """Print Flower's SecAgg+ against fedrad's for the same sizes and site counts.
+
+    Both run one round in this process; Flower's messages are serialised both ways as on the
+    wire.  ``flower plain`` is Flower's legacy FedAvg round without secure aggregation (all
+    sites' CPU + the server's), ``flower secagg+`` the same round with ``secaggplus_mod`` and
+    ``SecAggPlusWorkflow``.  fedrad's round is Flower's plain round plus fedrad's protocol
+    cost from the table above (n x (setup + mask) + sum + unmask - fedavg): its masked
+    vectors travel in the same Flower messages as plain weights.
+    """
+    print()
+    print("# Flower SecAgg+ vs fedrad, one round, CPU seconds (all sites + server)")
+    header = (f"{'model':<9}{'n':>4}{'t':>4}{'fl plain':>9}{'fl sa+':>8}{'fl +cost':>9}"
+              f"{'fedrad':>8}{'fr +cost':>9}{'speedup':>8}{'fl err':>9}{'fl dtype':>9}")
+    print(header)
+    print("-" * len(header))
+    failed = False
+    for (size, n), (r, t) in ours.items():
+        if size not in SIZES:
+            continue
+        shapes = model_shapes(size)
+        plain = flower_round(shapes, n, t, secure=False, seed=n)
+        secure = flower_round(shapes, n, t, secure=True, seed=n)
+        plain_total = plain["client"] * n + plain["server"]
+        secure_total = secure["client"] * n + secure["server"]
+        ours_cost = n * (r["setup"] + r["mask"]) + r["sum"] + r["unmask"] - r["fedavg"]
+        ours_total = plain_total + ours_cost
+        flower_cost = secure_total - plain_total
+        speedup = secure_total / ours_total
+        print(f"{size:<9}{n:>4}{t:>4}{plain_total:>9.2f}{secure_total:>8.2f}{flower_cost:>9.2f}"
+              f"{ours_total:>8.2f}{ours_cost:>9.2f}{speedup:>7.2f}x{secure['err']:>9.1e}"
+              f"{secure['dtype']:>9}", flush=True)
+    print("speedup = Flower SecAgg+ round / fedrad secure round (target >= 3x); "
+          "'+cost' = what secure aggregation adds to the plain round")
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), help=f"{list(SIZES)} or ints")
@@ -171,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         "--degree", type=int, default=None, help="SecAgg+ neighbours per site (even; default all)"
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin to one CPU")
+    parser.add_argument("--no-flower", action="store_true",
+                        help="skip the comparison with Flower's own SecAgg+")
     args = parser.parse_args(argv)
     sizes, sites = args.sizes, args.sites
     if args.quick:
@@ -193,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     failed = False
+    ours: dict[tuple[str, int], tuple[dict, int]] = {}
     for size in sizes:
         length = SIZES[size] if size in SIZES else int(size)
         for n in sites:
@@ -202,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             r = one_round(length, n, t, args.dropouts, seed=n, degree=degree)
             ok = r["err"] <= r["bound"]
             failed |= not ok
+            ours[(size, n)] = (r, t)
             print(
                 f"{size:<9}{length:>11,}{n:>4}{t:>4}{r['setup']:>7.3f}{r['mask']:>7.3f}"
                 f"{r['mask_wall']:>7.3f}{r['sum']:>7.3f}{r['unmask']:>7.3f}"
@@ -210,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['err']:>9.1e}{r['bound']:>9.1e}{'' if ok else '  ERROR ABOVE BOUND'}",
                 flush=True,
             )
+    if not args.no_flower:
+        failed |= compare_with_flower(ours)
     return 1 if failed else 0
 
 
