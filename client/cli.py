@@ -165,3 +165,51 @@ def check(
         console.print(f"  {code}: {count}")
     if result.report is not None:
         console.print(f"report: {result.report}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@site_app.command("egress")
+def egress(
+    log_file: Annotated[Path, typer.Argument(
+        help="The site's egress log (egress-log=... in the node config; default "
+             "<data-dir>/egress.jsonl).")],
+    full: Annotated[bool, typer.Option(
+        "--full", help="Show full SHA-256 digests and every record on its own line.")] = False,
+) -> None:
+    """Show every message this site has sent: when, which run and round, how many bytes,
+    its SHA-256 and what it contained (in words, never values)."""
+    from rich.table import Table
+
+    from .egress import read_egress_log
+
+    try:
+        entries = list(read_egress_log(log_file))
+    except FedradError as err:
+        raise _fail(err) from None
+    table = Table(title=f"Messages sent by this site ({len(entries)})", show_lines=full)
+    for column in ("time (UTC)", "run", "round", "type", "bytes", "sha256", "contents"):
+        table.add_column(column, overflow="fold")
+    total = 0
+    for e in entries:
+        total += e.bytes
+        digest = e.sha256 or e.message_id or "-"
+        if e.kind == "error":
+            contents = f"[red]error sent to the server:[/red] {e.error}"
+        else:
+            contents = "\n".join(
+                f"{r['name']} ({r['kind']}, {_size(int(r['bytes']))}"
+                + (f", sha256 {r['sha256']}" if full else "") + f"): {r['contents']}"
+                for r in e.records)
+        table.add_row(e.time.replace("T", " ")[:23], str(e.run_id),
+                      "-" if e.server_round is None else str(e.server_round),
+                      e.message_type, _size(e.bytes), digest if full else digest[:16],
+                      contents)
+    console.print(table)
+    console.print(f"{len(entries)} messages, {_size(total)} in all")

@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrad.client.egress import egress_mod
 from fedrad.common.cache import SiteCache, load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
@@ -234,7 +235,8 @@ def make_client_app(
     ``threads`` caps torch's CPU threads per simulated site, so that sites training side
     by side do not oversubscribe the cores (which slows torch down several times).
     """
-    client_app = ClientApp()
+    # The egress log comes first: it records each reply exactly as it leaves the site.
+    client_app = ClientApp(mods=[egress_mod])
 
     def _limit_threads() -> None:
         if threads is not None:
