@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -89,6 +90,15 @@ class Settings:
         "public upper bound on the cohort's total training samples, used as the weight "
         "normaliser in the first secure round (later rounds use the securely summed total)",
         minimum=1))
+    dp_noise_multiplier: float = field(default=0.0, metadata=_meta(
+        "differential privacy: each site adds Gaussian noise of std dp-noise-multiplier x "
+        "dp-clip to every coordinate of its clipped update (0: DP off)", minimum=0.0))
+    dp_clip: float = field(default=1.0, metadata=_meta(
+        "differential privacy: L2 bound on each site's update (new minus received weights)",
+        minimum=0.0))
+    dp_delta: float = field(default=1e-5, metadata=_meta(
+        "differential privacy: delta of the (epsilon, delta) guarantee each site accounts",
+        minimum=0.0, maximum=0.1))
 
     def to_run_config(self) -> dict[str, Any]:
         """Return the settings as a flat kebab-case mapping (Flower's run-config form)."""
@@ -176,6 +186,8 @@ def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any)
     for key, f in _FIELDS.items():
         typ = type(f.default)
         value = _convert(key, merged[key], typ) if key in merged else f.default
+        if typ is float and not math.isfinite(value):
+            raise ConfigError(f"'{key}' must be a finite number; got {value!r}")
         meta = f.metadata
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(
@@ -199,6 +211,12 @@ def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any)
         )
     if settings.secagg_threshold == 1:
         raise ConfigError("'secagg-threshold' must be 0 (automatic) or at least 2; got 1")
+    if settings.dp_clip <= 0:
+        raise ConfigError(f"'dp-clip' must be > 0 (the L2 bound on a site's update); got "
+                          f"{settings.dp_clip!r}")
+    if settings.dp_delta <= 0:
+        raise ConfigError(f"'dp-delta' must be > 0, e.g. 1e-5 (well below 1 / the number of "
+                          f"records); got {settings.dp_delta!r}")
     return settings
 
 
