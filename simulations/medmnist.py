@@ -490,12 +490,20 @@ def _subsample(indices: np.ndarray, cap: int | None, rng: np.random.Generator) -
     return np.sort(rng.choice(indices, size=cap, replace=False))
 
 
+def _scheme_words(scheme: str, alpha: float) -> str:
+    if scheme == "iid":
+        return "IID split"
+    kind = "label" if scheme == "label-skew" else "quantity"
+    return f"Dirichlet alpha={alpha:g} {kind} skew"
+
+
 def write_medmnist_federation(
-    npz_path: str | os.PathLike[str],
+    npz_path: str | os.PathLike[str] | MedMNISTData,
     out_dir: str | os.PathLike[str],
     *,
     num_sites: int = 3,
     alpha: float = 0.5,
+    scheme: str = "label-skew",
     seed: int = 0,
     profiles: Sequence[ScannerProfile] = DEFAULT_PROFILES,
     test_profile: ScannerProfile | None = None,
@@ -515,12 +523,14 @@ def write_medmnist_federation(
     Parameters
     ----------
     npz_path:
-        MedMNIST ``.npz`` (see :func:`load_medmnist`).
+        MedMNIST ``.npz`` (see :func:`load_medmnist`), or an already loaded dataset (e.g.
+        an image folder from :func:`fedrad.simulations.image_folder.load_image_folder`).
     out_dir:
         Output folder; receives ``site-1`` ... ``site-N``, ``test`` and ``federation.json``.
-    num_sites, alpha, seed, min_per_site:
-        Partition settings (see :func:`partition_non_iid`); ``seed`` also fixes subsampling
-        and scanner noise, so the output does not depend on ``workers``.
+    num_sites, alpha, scheme, seed, min_per_site:
+        Partition settings (see :func:`fedrad.simulations.partition.partition_indices`;
+        ``label-skew`` is :func:`partition_non_iid`); ``seed`` also fixes subsampling and
+        scanner noise, so the output does not depend on ``workers``.
     profiles:
         Scanner profiles, cycled over the sites.
     test_profile:
@@ -546,14 +556,17 @@ def write_medmnist_federation(
     for name, cap in (("max_train_per_site", max_train_per_site), ("max_test", max_test)):
         if cap is not None and cap < 1:
             raise ConfigError(f"{name}={cap!r} must be >= 1 (or None for no cap)")
-    data = load_medmnist(npz_path)
+    from .partition import partition_indices
+
+    data = npz_path if isinstance(npz_path, MedMNISTData) else load_medmnist(npz_path)
     images, labels = data.train_images, data.train_labels
     source = [f"{data.name} train {i}" for i in range(len(labels))]
     if include_val:
         images = np.concatenate([images, data.val_images])
         labels = np.concatenate([labels, data.val_labels])
         source += [f"{data.name} val {i}" for i in range(len(data.val_labels))]
-    parts = partition_non_iid(labels, num_sites, alpha=alpha, seed=seed, min_per_site=min_per_site)
+    parts = partition_indices(labels, num_sites, scheme=scheme, alpha=alpha, seed=seed,
+                              min_per_site=min_per_site)
     n_workers = resolve_workers(workers)
     out = Path(out_dir)
     site_ids = [f"site-{k + 1}" for k in range(num_sites)]
@@ -600,8 +613,8 @@ def write_medmnist_federation(
     )
     elapsed = time.perf_counter() - start
     description = (
-        f"{data.name} (MedMNIST) federation: {num_sites} sites, Dirichlet alpha={alpha:g} label "
-        f"skew ({'/'.join(str(s.num_images) for s in sites)} images), official test split "
+        f"{data.name} federation: {num_sites} sites, {_scheme_words(scheme, alpha)} "
+        f"({'/'.join(str(s.num_images) for s in sites)} images), test split "
         f"{test.num_images} images, seed {seed}"
     )
     federation = Federation(
@@ -614,6 +627,7 @@ def write_medmnist_federation(
             "generator": "medmnist",
             "dataset": data.name,
             "alpha": alpha,
+            "partition": scheme,
             "seed": seed,
             "include_val": include_val,
         },
