@@ -66,7 +66,9 @@ def _run_with_progress(label: str, call: Callable[[Callable[[int, int], None]], 
 
 
 def _fail(err: FedradError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}")
+    from rich.markup import escape  # "[reason-code]" is not markup
+
+    console.print(f"[red]error:[/red] {escape(str(err))}")
     if err.local_detail:
         console.print(f"  detail (local only): {err.local_detail}")
     return typer.Exit(code=2)
@@ -213,3 +215,20 @@ def egress(
                       contents)
     console.print(table)
     console.print(f"{len(entries)} messages, {_size(total)} in all")
+
+
+@site_app.command("privacy")
+def privacy(
+    ledger: Annotated[Path, typer.Argument(
+        help="The site's privacy ledger (privacy-ledger.json) or the cache folder holding it.")],
+    budget: Annotated[float | None, typer.Option(
+        "--budget", help="The site's privacy-budget, to show what is left.")] = None,
+) -> None:
+    """Show the epsilon this site has spent on differentially private rounds."""
+    from .privacy import LEDGER_FILE, ledger_text
+
+    try:
+        console.print(ledger_text(ledger / LEDGER_FILE if ledger.is_dir() else ledger,
+                                  budget=budget), highlight=False, markup=False)
+    except FedradError as err:
+        raise _fail(err) from None
