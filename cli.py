@@ -7,7 +7,8 @@ import typer
 from fedrad.client.cli import site_app
 from fedrad.common.models import list_models
 from fedrad.server.cli import certs_app
-from fedrad.simulations.cli import demo
+from fedrad.simulations.cli import demo, simulate
+from fedrad.simulations.inference_cli import evaluate, export, predict
 
 app = typer.Typer(
     name="fedrad",
@@ -16,6 +17,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("demo")(demo)
+app.command("simulate")(simulate)
+app.command("predict")(predict)
+app.command("evaluate")(evaluate)
+app.command("export")(export)
 app.add_typer(site_app, name="site")
 app.add_typer(certs_app, name="certs")
 
