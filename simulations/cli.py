@@ -79,3 +79,40 @@ def demo(
     console.print(result.final.table, highlight=False)
     console.print(f"Outputs: {result.run_dir} (metrics.json, metrics.csv, checkpoints/, "
                   "model-latest.pt)")
+
+
+def simulate(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see simulations/*.yaml).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for sites, caches and results.")]
+    = Path("fedrad-experiment"),
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a run setting of the file, e.g. --set num-server-rounds=3 "
+        "(repeatable).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's logs.")]
+    = False,
+) -> None:
+    """Compare federated strategies with pooled and local-only training on one machine."""
+    from .experiment import load_experiment, run_experiment
+
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("fedrad").setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        cfg = load_experiment(config, overrides=parse_overrides(set_))
+        with console.status("working...", spinner="dots") as status:
+            def say(text: str) -> None:
+                console.print(text, highlight=False)
+                status.update(text.strip()[:70])
+
+            result = run_experiment(cfg, out, say=say)
+    except FedradError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from None
+    console.rule(f"{cfg.name}: central test set ({result.seconds:.0f} s in all)")
+    console.print(f"{'':<22}{'AUC':>8}{'95% CI':>16}{'ACC':>8}{'SENS':>8}{'SPEC':>8}{'F1':>8}")
+    for row in result.rows:
+        ci = (f"[{row['auc-ci-low']:.3f}, {row['auc-ci-high']:.3f}]"
+              if "auc-ci-low" in row else "")
+        cells = "".join(f"{row[k]:>8.4f}" if row[k] is not None else f"{'-':>8}"
+                        for k in ("accuracy", "sensitivity", "specificity", "f1"))
+        console.print(f"{row['name']:<22}{row['auc']:>8.4f}{ci:>16}{cells}", highlight=False)
+    console.print(f"Outputs: {result.out_dir} (results.json, results.csv, comparison.png)")

@@ -31,7 +31,14 @@ from .engine import run_in_simulation
 from .medmnist import write_medmnist_federation
 from .synthetic import generate_synthetic_federation
 
-__all__ = ["DemoOptions", "DemoResult", "run_demo", "SYNTHETIC_DEFAULTS", "MEDMNIST_DEFAULTS"]
+__all__ = [
+    "DemoOptions",
+    "DemoResult",
+    "MEDMNIST_DEFAULTS",
+    "SYNTHETIC_DEFAULTS",
+    "prepare_federation",
+    "run_demo",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +126,58 @@ def _federation(opts: DemoOptions, sites_root: Path, image_size: int):
     )
 
 
+def prepare_federation(
+    federation: Any,
+    caches_root: Path,
+    base: Settings,
+    *,
+    workers: int | None = 1,
+    say: Callable[[str], None] = log.info,
+) -> tuple[list[PrepareResult], dict[int, SiteContext], str]:
+    """Prepare every site's cache (and the coordinator's test cache) as real sites would.
+
+    A site whose images are all unusable is left out, with its reason, while at least
+    ``min-sites`` sites remain.  Returns the preparation results, the simulated sites by
+    partition id, and the central test cache folder (empty when the federation has none).
+
+    Raises
+    ------
+    SiteDataError
+        Fewer than ``min-sites`` sites have usable images.
+    """
+    prepared: list[PrepareResult] = []
+    sites: dict[int, SiteContext] = {}
+    for site in federation.sites:
+        try:
+            result = prepare_site(site.dicom_dir, site.labels_csv, caches_root / site.site_id,
+                                  base, site_id=site.site_id, workers=workers)
+        except SiteDataError as err:
+            say(f"  {site.site_id}: left out of the federation: {err}")
+            continue
+        prepared.append(result)
+        sites[len(sites)] = SiteContext(site_id=site.site_id, data_dir=result.cache_dir)
+        say(f"  {site.site_id}: {result.accepted} images cached, {result.rejected} quarantined "
+            f"({result.seconds:.1f} s)")
+    if len(sites) < base.min_sites:
+        raise SiteDataError(
+            "too-few-sites",
+            f"only {len(sites)} of {len(federation.sites)} sites have usable images, fewer "
+            f"than min-sites={base.min_sites}; see the reasons above",
+        )
+    if len(sites) < len(federation.sites):
+        say(f"Continuing with the {len(sites)} sites that have usable images "
+            f"(min-sites={base.min_sites}).")
+    central_dir = ""
+    if federation.test is not None:
+        test = prepare_site(federation.test.dicom_dir, federation.test.labels_csv,
+                            caches_root / "central-test", base, site_id="central-test",
+                            workers=workers)
+        prepared.append(test)
+        central_dir = str(test.cache_dir)
+        say(f"  central test set: {test.accepted} images cached")
+    return prepared, sites, central_dir
+
+
 def run_demo(
     opts: DemoOptions,
     *,
@@ -150,37 +209,8 @@ def run_demo(
         base = base.replace(num_classes=len(federation.class_names),
                             class_names=",".join(federation.class_names))
 
-    prepared: list[PrepareResult] = []
-    sites: dict[int, SiteContext] = {}
-    for site in federation.sites:
-        try:
-            result = prepare_site(site.dicom_dir, site.labels_csv,
-                                  out_dir / "caches" / site.site_id, base,
-                                  site_id=site.site_id, workers=opts.workers)
-        except SiteDataError as err:
-            say(f"  {site.site_id}: left out of the federation: {err}")
-            continue
-        prepared.append(result)
-        sites[len(sites)] = SiteContext(site_id=site.site_id, data_dir=result.cache_dir)
-        say(f"  {site.site_id}: {result.accepted} images cached, {result.rejected} quarantined "
-            f"({result.seconds:.1f} s)")
-    if len(sites) < base.min_sites:
-        raise SiteDataError(
-            "too-few-sites",
-            f"only {len(sites)} of {len(federation.sites)} sites have usable images, fewer "
-            f"than min-sites={base.min_sites}; see the reasons above",
-        )
-    if len(sites) < len(federation.sites):
-        say(f"Continuing with the {len(sites)} sites that have usable images "
-            f"(min-sites={base.min_sites}).")
-    central_dir = ""
-    if federation.test is not None:
-        test = prepare_site(federation.test.dicom_dir, federation.test.labels_csv,
-                            out_dir / "caches" / "central-test", base, site_id="central-test",
-                            workers=opts.workers)
-        prepared.append(test)
-        central_dir = str(test.cache_dir)
-        say(f"  central test set: {test.accepted} images cached")
+    prepared, sites, central_dir = prepare_federation(
+        federation, out_dir / "caches", base, workers=opts.workers, say=say)
 
     run_dir = out_dir / "run"
     settings = base.replace(out_dir=str(run_dir), central_eval_dir=central_dir)

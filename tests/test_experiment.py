@@ -1,0 +1,84 @@
+"""``fedrad simulate``: experiment files are checked up front; a small run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedrad.cli import app
+from fedrad.common.errors import ConfigError
+from fedrad.simulations.experiment import load_experiment, run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("sites: 3\nstrategy: [fedavg]\n", "Unknown key 'strategy'.*Did you mean 'strategies'"),
+        ("partition: {scheme: iid, alpah: 1}\n", "Unknown key 'partition.alpah'"),
+        ("partition: {scheme: dirichlet}\n", "'partition.scheme' is 'dirichlet'"),
+        ("partition: {alpha: 0}\n", "'partition.alpha' must be a number > 0"),
+        ("strategies: [fedsgd]\n", "'strategies' lists 'fedsgd'; accepted: fedavg"),
+        ("dataset: {kind: medmnist, path: nowhere.npz}\n", "is not a MedMNIST .npz"),
+        ("dataset: {kind: image-folder, path: nowhere}\n", "is not a folder of class"),
+        ("dataset: {kind: dicom}\n", "'dataset.kind' is 'dicom'"),
+        ("sites: 0\n", "'sites' must be an integer >= 1"),
+        ("settings: {num-server-round: 2}\n", "Unknown setting 'num-server-round'"),
+        ("- a list\n", "must hold a mapping"),
+    ],
+)
+def test_bad_experiment_files_name_the_key(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_experiment(_write(tmp_path, text))
+
+
+@pytest.mark.skipif(not PNEUMONIA.is_file(), reason="shared PneumoniaMNIST not present")
+def test_shipped_experiment_files_load() -> None:
+    for path in sorted((ROOT / "simulations" / "experiments").glob("*.yaml")):
+        cfg = load_experiment(path)
+        assert cfg.path is not None and cfg.path.exists(), path
+
+
+def test_impossible_partition_fails_before_training(tmp_path: Path) -> None:
+    if not PNEUMONIA.is_file():
+        pytest.skip("shared PneumoniaMNIST not present")
+    cfg = load_experiment(_write(tmp_path, (
+        f"dataset: {{kind: medmnist, path: {PNEUMONIA}}}\nsites: 5\n"
+        "partition: {scheme: iid, min-per-site: 5000}\n")))
+    with pytest.raises(ConfigError, match="min-per-site=5000 is impossible"):
+        run_experiment(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "caches").exists()
+
+
+@pytest.mark.slow
+def test_small_synthetic_experiment_end_to_end(tmp_path: Path) -> None:
+    exp = _write(tmp_path, (
+        "name: tiny\ndataset: {kind: synthetic, images-per-site: 30}\nsites: 2\n"
+        "baselines: [pooled, local]\n"
+        "settings: {num-server-rounds: 2, image-size: 32, local-epochs: 1, batch-size: 16}\n"))
+    result = CliRunner().invoke(app, ["simulate", str(exp), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["fedavg", "pooled", "local:site-1", "local:site-2"]
+    assert len(data["curves"]["fedavg"]) == 2
+    for row in data["rows"]:
+        assert 0.0 <= row["auc"] <= 1.0 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["auc-ci-low"] <= row["auc"] <= row["auc-ci-high"]
+    # the federated row's final AUC is the last point of its curve
+    assert data["rows"][0]["auc"] == pytest.approx(data["curves"]["fedavg"][-1])
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 5
+    png = (tmp_path / "out" / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "pooled" in result.output and "fedavg" in result.output
