@@ -22,17 +22,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedrad.client.egress import egress_mod
+from fedrad.client.privacy import SitePrivacy, check_privacy_budget, privatize_update
 from fedrad.common.cache import SiteCache, load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
 from fedrad.common.metrics import count_outcomes, counts_to_metrics
 from fedrad.common.models import model_from_settings
+from fedrad.common.secagg.wire import (
+    ECHO,
+    MASKED,
+    QUERY_ACTION,
+    RECORD,
+    counts_to_vector,
+    update_to_vector,
+)
 from fedrad.common.splits import train_val_split
 from fedrad.common.training import predict_scores, select_device, train_local
+
+from .secure_client import handle_query, mask_vector
 
 __all__ = ["app", "make_client_app", "SiteContext", "train_on_site", "evaluate_on_site"]
 
@@ -50,6 +69,7 @@ class SiteContext:
     site_id: str
     data_dir: Path
     device: str = "auto"
+    privacy: SitePrivacy = SitePrivacy()  # budget and ledger: privacy-* node config
 
     @property
     def safe_id(self) -> str:
@@ -64,7 +84,8 @@ def _site_from_node_config(
     if NODE_DATA_DIR in node_config:
         data_dir = Path(str(node_config[NODE_DATA_DIR]))
         site_id = str(node_config.get(NODE_SITE_ID) or f"site-{hashed_id(str(data_dir))[:6]}")
-        return SiteContext(site_id=site_id, data_dir=data_dir, device=device)
+        return SiteContext(site_id=site_id, data_dir=data_dir, device=device,
+                           privacy=SitePrivacy.from_node_config(node_config))
     if sites is not None and "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         if pid not in sites:
@@ -124,7 +145,8 @@ def _build_model(settings: Settings, arrays: ArrayRecord):
 
 
 def train_on_site(
-    arrays: ArrayRecord, settings: Settings, site: SiteContext, server_round: int = 1
+    arrays: ArrayRecord, settings: Settings, site: SiteContext, server_round: int = 1,
+    run_id: int | str = "local",
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """Train the received global model on the site's training split.
 
@@ -133,6 +155,7 @@ def train_on_site(
     """
     cache = _load_site_cache(str(site.data_dir))
     _check_cache(cache, settings, site)
+    check_privacy_budget(settings, site, run_id, server_round)  # refuse before training
     train_idx, _ = _site_split(cache, settings)
     if len(train_idx) == 0:
         raise SiteDataError("no-training-data", f"site {site.safe_id} has no training samples")
@@ -155,7 +178,11 @@ def train_on_site(
         seed=settings.seed + server_round,
     )
     state = {k: v.detach().to("cpu").to(dtypes[k]) for k, v in model.state_dict().items()}
+    # DP (dp-noise-multiplier > 0): clip and noise the update, record it in the ledger
+    state, dp_metrics = privatize_update(arrays.to_torch_state_dict, state, settings, site,
+                                         run_id, server_round)
     metrics = {
+        **dp_metrics,
         "num-examples": int(result.num_examples),
         "train-loss": float(result.mean_loss),
         "train-seconds": float(result.seconds),
@@ -196,6 +223,13 @@ def evaluate_on_site(
     metrics: dict[str, int | float | list[int]] = {"num-examples": int(len(val_idx))}
     metrics.update(counts_to_metrics(counts))
     return metrics
+
+
+def training_sample_count(settings: Settings, site: SiteContext) -> int:
+    """Size of the site's training split (what ``train_on_site`` reports as num-examples)."""
+    cache = _load_site_cache(str(site.data_dir))
+    train_idx, _ = _site_split(cache, settings)
+    return int(len(train_idx))
 
 
 def _site_record(site: SiteContext) -> ConfigRecord:
@@ -253,10 +287,14 @@ def make_client_app(
             site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
             server_round = int(msg.content["config"].get("server-round", 1))
-            arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round)
-            content = RecordDict(
-                {"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(site)}
-            )
+            arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round,
+                                            run_id=context.run_id)
+            if RECORD in msg.content:  # secure aggregation: only the masked update leaves
+                content = _secure_train_reply(msg, context, arrays, metrics)
+            else:
+                content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                                      "site": _site_record(site)})
+            _echo(msg, content)
             return Message(content=content, reply_to=msg)
 
         return _safe(run, label)
@@ -270,12 +308,60 @@ def make_client_app(
             site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
             metrics = evaluate_on_site(msg.content["arrays"], settings, site)
-            content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(site)})
+            if RECORD in msg.content:  # secure aggregation: only masked counts leave
+                vector = counts_to_vector(metrics, num_classes=settings.num_classes,
+                                          bins=settings.score_bins,
+                                          train_examples=training_sample_count(settings, site))
+                k, masked = mask_vector(msg.content[RECORD], context.state, vector)
+                content = _masked_content(k, masked)
+            else:
+                content = RecordDict({"metrics": MetricRecord(metrics),
+                                      "site": _site_record(site)})
+            _echo(msg, content)
+            return Message(content=content, reply_to=msg)
+
+        return _safe(run, label)
+
+    @client_app.query(QUERY_ACTION)
+    def secagg(msg: Message, context: Context) -> Message:
+        """Secure-aggregation key exchange and unmasking (no training, no data access)."""
+        label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
+
+        def run() -> Message:
+            if RECORD not in msg.content:
+                raise FedradError("bad-message", "a secure-aggregation query without its record")
+            reply = handle_query(msg.content[RECORD], context.state)
+            content = RecordDict({RECORD: ConfigRecord(reply)})
+            _echo(msg, content)
             return Message(content=content, reply_to=msg)
 
         return _safe(run, label)
 
     return client_app
+
+
+def _echo(msg: Message, content: RecordDict) -> None:
+    """Copy the server's round nonce into the reply (the server rejects stale replies)."""
+    if ECHO in msg.content:
+        content[ECHO] = ConfigRecord(dict(msg.content[ECHO]))
+
+
+def _masked_content(instance: int, masked: np.ndarray) -> RecordDict:
+    return RecordDict({
+        MASKED: ArrayRecord({MASKED: Array(masked)}),
+        RECORD: ConfigRecord({"work-instance": int(instance)}),
+    })
+
+
+def _secure_train_reply(msg: Message, context: Context, arrays: ArrayRecord,
+                        metrics: Mapping[str, Any]) -> RecordDict:
+    """Mask ``local - global`` weights and the loss, weighted by the sample count."""
+    reference = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    local = {k: v.numpy() for k, v in arrays.items()}
+    vector = update_to_vector(local, reference, float(metrics["train-loss"]))
+    k, masked = mask_vector(msg.content[RECORD], context.state, vector,
+                            weight=float(metrics["num-examples"]))
+    return _masked_content(k, masked)
 
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

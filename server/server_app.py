@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -34,10 +42,12 @@ from fedrad.common.metrics import (
     pooled_metrics,
 )
 from fedrad.common.models import model_from_settings
+from fedrad.common.secagg.wire import ECHO
 from fedrad.common.training import predict_scores, select_device
 
 from .checkpoint import save_checkpoint
 from .evaluator import MetricsLog, format_final_summary, format_round_table
+from .secure_rounds import ReplyRejected, SecureRounds, trips_per_run
 
 __all__ = [
     "app",
@@ -46,6 +56,8 @@ __all__ = [
     "initial_model",
     "FedradFedAvg",
     "RoundReport",
+    "check_echo",
+    "check_train_reply",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +78,56 @@ class RoundReport:
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+#: A plain-path reply may be this much larger than the global model it answers.
+_SLACK_BYTES = 64 * 1024
+
+
+def check_train_reply(content: RecordDict, reference: ArrayRecord) -> None:
+    """Validate a plain (non-secure) training reply against the global model it answers.
+
+    Raises :class:`~fedrad.server.secure_rounds.ReplyRejected` with the code
+    ``malformed`` (records missing), ``wrong-shape`` (other tensors or shapes),
+    ``bad-dtype``, ``oversized``, ``non-finite`` or ``bad-num-examples``.
+    """
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise ReplyRejected("malformed", "a training reply holds one array and one metric record")
+    arrays = next(iter(content.array_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    sent = sum(len(a.data) for a in arrays.values())
+    if sent > sum(len(a.data) for a in reference.values()) + _SLACK_BYTES:
+        raise ReplyRejected("oversized", f"the reply carries {sent} bytes of arrays")
+    if list(arrays.keys()) != list(reference.keys()):
+        raise ReplyRejected("wrong-shape", "the reply's tensors differ from the global model's")
+    for name, ref in reference.items():
+        got = arrays[name]
+        if got.dtype != ref.dtype:
+            raise ReplyRejected("bad-dtype", f"tensor {name} is {got.dtype}, not {ref.dtype}")
+        if list(got.shape) != list(ref.shape):
+            raise ReplyRejected("wrong-shape", f"tensor {name} has shape {list(got.shape)}")
+        value = got.numpy()
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ReplyRejected("non-finite", f"tensor {name} holds NaN or Inf")
+    n = metrics.get("num-examples")
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not (
+        np.isfinite(n) and n > 0 and float(n).is_integer()
+    ):
+        raise ReplyRejected("bad-num-examples", "num-examples must be a positive integer")
+    loss = metrics.get("train-loss", 0.0)
+    if not isinstance(loss, (int, float)) or not np.isfinite(loss):
+        raise ReplyRejected("non-finite", "train-loss is NaN or Inf")
+
+
+def check_echo(content: RecordDict, server_round: int, nonce: bytes) -> None:
+    """Raise ``ReplyRejected("replayed")`` unless the reply echoes this round's nonce."""
+    echo = content.config_records.get(ECHO)
+    if echo is None:
+        raise ReplyRejected("malformed", "the reply does not echo the round's nonce")
+    if bytes(echo.get("nonce", b"")) != nonce or int(echo.get("server-round", -1)) != (
+        server_round
+    ):
+        raise ReplyRejected("replayed", "the reply echoes another round's nonce")
 
 
 class FedradFedAvg(FedAvg):
@@ -90,19 +152,67 @@ class FedradFedAvg(FedAvg):
         self.settings = settings
         self.metrics_log = metrics_log
         self.round_failures: dict[int, list[str]] = {}
+        self._nonces: dict[tuple[str, int], bytes] = {}
+        self._sent: dict[int, ArrayRecord] = {}
+
+    def note_failure(self, server_round: int, text: str) -> None:
+        """Record one failure of ``server_round`` (it reaches the round's report)."""
+        self.round_failures.setdefault(server_round, []).append(text)
 
     def _note_failures(self, server_round: int, kind: str, errors: list[Message]) -> None:
         for msg in errors:
             text = f"{kind}: node {msg.metadata.src_node_id} failed: {msg.error.reason}"
-            self.round_failures.setdefault(server_round, []).append(text)
+            self.note_failure(server_round, text)
             log.warning("round %d %s", server_round, text)
+
+    def _stamp(self, kind: str, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        nonce = os.urandom(16)
+        self._nonces[(kind, server_round)] = nonce
+        out = list(messages)
+        for msg in out:
+            msg.content[ECHO] = ConfigRecord({"server-round": server_round, "nonce": nonce})
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's training messages, each with this round's nonce to echo."""
+        self._sent[server_round] = arrays
+        return self._stamp("train", server_round,
+                           super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """FedAvg's evaluation messages, each with this round's nonce to echo."""
+        return self._stamp("evaluate", server_round,
+                           super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _screen(self, kind: str, server_round: int, valid: list[Message]) -> list[Message]:
+        """Drop replies that fail validation, recording each with its reason code."""
+        nonce = self._nonces.get((kind, server_round))
+        reference = self._sent.get(server_round) if kind == "train" else None
+        kept = []
+        for msg in valid:
+            try:
+                if nonce is not None:
+                    check_echo(msg.content, server_round, nonce)
+                if reference is not None:
+                    check_train_reply(msg.content, reference)
+            except ReplyRejected as e:
+                text = (f"{kind}: node {msg.metadata.src_node_id} excluded: "
+                        f"[{e.code}] {e.message}")
+                self.note_failure(server_round, text)
+                log.warning("round %d %s", server_round, text)
+                continue
+            kept.append(msg)
+        return kept
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         self._note_failures(server_round, "train", errors)
+        valid = self._screen("train", server_round, valid)
         if len(valid) < self.settings.min_sites:
             log.warning(
                 "round %d: %d of %d sites returned an update, fewer than min-sites=%d; "
@@ -137,6 +247,7 @@ class FedradFedAvg(FedAvg):
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
         self._note_failures(server_round, "evaluate", errors)
+        valid = self._screen("evaluate", server_round, valid)
         per_site: list[tuple[str, OutcomeCounts]] = []
         for msg in valid:
             site = f"node-{msg.metadata.src_node_id}"
@@ -227,17 +338,37 @@ def run_federation(grid: Grid, settings: Settings,
     strategy = FedradFedAvg(settings, metrics_log)
     evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
     started = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.num_server_rounds,
-        train_config=ConfigRecord(settings.to_site_config()),
-        evaluate_config=ConfigRecord(settings.to_site_config()),
-        evaluate_fn=evaluator,
-    )
+    initial = ArrayRecord(model.state_dict())
+    if settings.secure_aggregation:
+        _run_secure(grid, settings, strategy, evaluator, initial)
+    else:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=settings.num_server_rounds,
+            train_config=ConfigRecord(settings.to_site_config()),
+            evaluate_config=ConfigRecord(settings.to_site_config()),
+            evaluate_fn=evaluator,
+        )
     log.info("federated run finished in %.1f s; outputs in %s\n%s",
              time.perf_counter() - started, out_dir, format_final_summary(metrics_log))
     return metrics_log
+
+
+def _run_secure(grid: Grid, settings: Settings, strategy: FedradFedAvg,
+                evaluator: _CentralEvaluator, initial: ArrayRecord) -> None:
+    """The rounds under secure aggregation: same checkpoints, central and pooled rows."""
+    log.info("secure aggregation on (SecAgg+): the server sees only sums; %d message round "
+             "trips for %d rounds", trips_per_run(settings.num_server_rounds),
+             settings.num_server_rounds)
+    evaluator(0, initial)
+
+    def pooled(server_round: int, row: dict[str, Any], n: int) -> None:
+        strategy.metrics_log.record(server_round, "pooled", row, n=n)
+
+    rounds = SecureRounds(grid, settings, on_failure=strategy.note_failure, on_pooled=pooled)
+    rounds.run(initial, after_round=evaluator)
+    log.info("secure aggregation: %d message round trips", rounds.trips)
 
 
 def _ensure_logging() -> None:

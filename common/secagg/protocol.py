@@ -41,6 +41,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -210,6 +211,74 @@ class SecAggClient:
                 f"secure aggregation step called out of order: expected {stage!r}, "
                 f"the client is at {self._stage!r}",
             )
+
+    @property
+    def stage(self) -> str:
+        """The next stage this client accepts (``advertise``, ``share``, ... ``unmask``)."""
+        return self._stage
+
+    def bind(self, node_id: int, params: SecAggParams) -> None:
+        """Set the round's node id and parameters after :meth:`advertise_keys`.
+
+        Keys can be advertised before the cohort (and so each node's id in it and the
+        threshold) is known; this fixes them before :meth:`share_keys`.
+        """
+        self._expect("share")
+        self.node_id = _check_node_id(node_id)
+        self.params = params
+
+    def export_state(self) -> dict[str, Any]:
+        """This client's whole state as JSON-safe values (private keys as hex).
+
+        For clients that run each stage in a fresh process (Flower's deployment mode):
+        store it locally between stages; it holds secrets and must never leave the site.
+        """
+        p = self.params
+        return {
+            "node_id": self.node_id,
+            "params": {
+                "threshold": p.threshold, "round_id": p.round_id, "clip": p.clip,
+                "scale_bits": p.scale_bits, "degree": p.degree, "weighted": p.weighted,
+            },
+            "c_sk": self._c_sk.private_bytes_raw().hex(),
+            "s_sk": self._s_sk.private_bytes_raw().hex(),
+            "stage": self._stage,
+            "public": {str(k): [c.hex(), s_.hex()] for k, (c, s_) in self._public.items()},
+            "neighbours": list(self._neighbours),
+            "b": self._b.hex() if self._b is not None else None,
+            "own_share": [str(v) for v in self._own_share] if self._own_share else None,
+            "held": {str(k): [str(a), str(b)] for k, (a, b) in self._held.items()},
+            "revealed": {str(k): v for k, v in self._revealed.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SecAggClient:
+        """Rebuild a client from :meth:`export_state` output."""
+        try:
+            client = cls.__new__(cls)
+            client.node_id = _check_node_id(int(state["node_id"]))
+            client.params = SecAggParams(**state["params"])
+            client._c_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["c_sk"]))
+            client._s_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["s_sk"]))
+            client._stage = str(state["stage"])
+            client._public = {
+                int(k): (bytes.fromhex(c), bytes.fromhex(s_))
+                for k, (c, s_) in state["public"].items()
+            }
+            client._neighbours = [int(v) for v in state["neighbours"]]
+            client._b = bytes.fromhex(state["b"]) if state["b"] is not None else None
+            own = state["own_share"]
+            client._own_share = (int(own[0]), int(own[1])) if own else None
+            client._held = {int(k): (int(a), int(b)) for k, (a, b) in state["held"].items()}
+            client._revealed = {int(k): str(v) for k, v in state["revealed"].items()}
+            client.clipped = 0
+        except (KeyError, TypeError, ValueError) as e:
+            raise FedradError(
+                "bad-state",
+                "the stored secure-aggregation state is unreadable; the site takes no part "
+                "in this round and rejoins with fresh keys in the next",
+            ) from e
+        return client
 
     def advertise_keys(self) -> dict[str, bytes]:
         """Stage 1: this round's two public keys, ``{"c_pk": ..., "s_pk": ...}``."""
