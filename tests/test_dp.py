@@ -422,3 +422,89 @@ def test_ledger_text_and_cli(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "privacy-ledger-corrupt" in result.output
     assert "no differentially private round" in ledger_text(tmp_path / "none.json")
     assert os.path.exists(tmp_path / "privacy-ledger.json")
+
+
+# --------------------------------------------------------------------------- the ClientApp
+
+
+def _write_site(path: Path, n: int = 40, size: int = 32) -> Path:
+    from fedrad.common.cache import write_cache
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    images = rng.integers(0, 120, (n, size, size)).astype(np.uint8)
+    images[labels == 1, 8:24, 8:24] += 100
+    write_cache(path, images, labels, records=[{"id": f"i{i}", "label": int(v)}
+                                               for i, v in enumerate(labels)],
+                quarantine=[], meta={"num_classes": 2})
+    return path
+
+
+def _train_reply(app, arrays, settings, node_config, server_round=1):
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id="1", created_at=time.time(),
+                        ttl=600.0, message_type="train")
+    config = {**settings.to_site_config(), "server-round": server_round}
+    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+                  metadata=metadata)
+    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                  run_config={})
+    return app(msg, ctx)
+
+
+def test_client_app_train_with_dp_clips_noises_and_records(tmp_path: Path) -> None:
+    from flwr.app import ArrayRecord
+
+    from fedrad.client.client_app import make_client_app
+    from fedrad.common.models import model_from_settings
+
+    cache = _write_site(tmp_path / "Doe_Jane" / "cache")
+    plain = load_settings({"image-size": 32, "batch-size": 16, "learning-rate": 0.05,
+                           "secure-aggregation": False})
+    sigma, clip = 0.05, 0.05
+    dp = plain.replace(dp_noise_multiplier=sigma, dp_clip=clip)
+    torch.manual_seed(0)
+    received = model_from_settings(plain).state_dict()
+    arrays = ArrayRecord(received)
+    app = make_client_app()
+    node = {"data-dir": str(cache), "site-id": "site-a", "privacy-budget": 450.0}
+
+    reply0 = _train_reply(app, arrays, plain, {"data-dir": str(cache), "site-id": "site-a"})
+    assert not reply0.has_error()
+    assert not (cache / "privacy-ledger.json").exists()
+    reply1 = _train_reply(app, arrays, dp, node)
+    assert not reply1.has_error()
+    trained = reply0.content["arrays"].to_torch_state_dict()
+    released = reply1.content["arrays"].to_torch_state_dict()
+
+    floats = [k for k, v in received.items() if v.is_floating_point()]
+    u0 = torch.cat([(trained[k].double() - received[k].double()).flatten() for k in floats])
+    u1 = torch.cat([(released[k].double() - received[k].double()).flatten() for k in floats])
+    assert float(u0.norm()) > 5 * clip  # the plain update would be clipped
+    direction = u0 / u0.norm()
+    # along the plain update: the clipped length, plus one coordinate of noise
+    assert float(u1 @ direction) == pytest.approx(clip, abs=5 * sigma * clip)
+    residual = u1 - (u1 @ direction) * direction
+    assert float(residual.std()) == pytest.approx(sigma * clip, rel=0.02)
+    for k, v in received.items():
+        if not v.is_floating_point():
+            assert torch.equal(released[k], trained[k]) and released[k].dtype == v.dtype
+
+    metrics = dict(reply1.content["metrics"])
+    assert metrics["dp-epsilon-round"] == pytest.approx(gaussian_epsilon([sigma], 1e-5))
+    assert "450" not in repr(metrics)  # the budget stays at the site
+    entries = PrivacyLedger(cache / "privacy-ledger.json").entries()
+    assert [(e.run_id, e.server_round, e.noise_multiplier, e.clip) for e in entries] == [
+        ("1", 1, sigma, clip)]
+
+    # a second round would take the total over the site's budget: refused, not recorded
+    with pytest.raises(Exception) as info:
+        _train_reply(app, arrays, dp, node, server_round=2)
+    text = str(info.value)
+    assert "privacy-budget-exceeded" in text and "450" in text
+    assert "Doe_Jane" not in text and str(tmp_path) not in text
+    assert len(PrivacyLedger(cache / "privacy-ledger.json").entries()) == 1
