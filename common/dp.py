@@ -168,7 +168,7 @@ def add_gaussian_noise(
 ) -> dict[str, torch.Tensor]:
     """Add ``N(0, std^2)`` to every coordinate of every floating-point tensor.
 
-    Noise is drawn in float64 on the CPU from ``generator`` (default:
+    Noise is drawn on the CPU (float32, float64 for float64 tensors) from ``generator`` (default:
     :func:`secure_generator`).  Tensors whose name ends with one of ``nonnegative`` (e.g.
     BatchNorm's ``running_var``) are clamped at zero afterwards: post-processing, which
     leaves the guarantee intact.
@@ -181,8 +181,9 @@ def add_gaussian_noise(
         if not torch.is_floating_point(value) or std == 0:
             out[key] = value.detach().clone()
             continue
-        noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
-        noisy = value.detach().to("cpu", torch.float64) + noise * std
+        work = torch.float64 if value.dtype == torch.float64 else torch.float32
+        noise = torch.randn(value.shape, generator=generator, dtype=work)
+        noisy = value.detach().to("cpu", work) + noise * std
         if any(key.endswith(suffix) for suffix in nonnegative):
             noisy = noisy.clamp_min(0.0)
         out[key] = noisy.to(value.dtype)
