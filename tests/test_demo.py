@@ -6,10 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from fedrad.cli import app
+from fedrad.common.cache import load_cache
+from fedrad.common.splits import train_val_split
 from fedrad.simulations.demo import DemoOptions, run_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -25,12 +28,20 @@ def test_demo_runs_a_federation_and_writes_pooled_metrics(tmp_path: Path) -> Non
     assert [r.server_round for r in reports] == [1, 2]
     assert len(result.prepared) == 4  # three sites and the central test set
     rows = reports[-1].rows
-    assert {"pooled", "central", "site:site-1", "site:site-2", "site:site-3"} <= set(rows)
+    # secure aggregation is on by default: the server sees only sums, so no per-site rows
+    assert result.settings.secure_aggregation
+    assert set(rows) == {"pooled", "central"}
     pooled = rows["pooled"]
     for key in ("accuracy", "sensitivity", "specificity", "f1", "auc"):
         assert key in pooled
     # pooled n is the sum of the sites' held-out samples, not an average
-    assert pooled["n"] == sum(rows[f"site:site-{i}"]["n"] for i in (1, 2, 3))
+    held_out = 0
+    for prepared in result.prepared[:3]:
+        labels = np.asarray(load_cache(prepared.cache_dir).labels)
+        held_out += len(train_val_split(labels, result.settings.val_fraction,
+                                        seed=result.settings.seed)[1])
+    assert pooled["n"] == held_out
+    assert not any(r.failures for r in reports)
     run_dir = result.run_dir
     history = json.loads((run_dir / "metrics.json").read_text())
     assert history
@@ -98,8 +109,6 @@ def test_demo_stops_when_too_few_sites_remain(tmp_path: Path, monkeypatch) -> No
 
 
 def test_demo_on_a_multiclass_npz_reports_per_class_and_macro_metrics(tmp_path: Path) -> None:
-    import numpy as np
-
     rng = np.random.default_rng(0)
 
     def split(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +125,8 @@ def test_demo_on_a_multiclass_npz_reports_per_class_and_macro_metrics(tmp_path: 
     np.savez(npz, **arrays)
     reports = []
     opts = DemoOptions(out_dir=tmp_path / "demo", data_path=npz, num_sites=3, alpha=5.0,
-                       workers=1, overrides={"num-server-rounds": 2, "image-size": 32})
+                       workers=1, overrides={"num-server-rounds": 2, "image-size": 32,
+                                             "secure-aggregation": False})
     result = run_demo(opts, say=lambda text: None, on_round=reports.append)
     assert result.settings.num_classes == 3
     central = reports[-1].rows["central"]
@@ -126,4 +136,6 @@ def test_demo_on_a_multiclass_npz_reports_per_class_and_macro_metrics(tmp_path: 
     classes = result.settings.classes
     assert len(classes) == 3
     assert f"{classes[2]}/auc" in reports[-1].rows["pooled"]
+    # without secure aggregation the server also reports each site
+    assert {"site:site-1", "site:site-2", "site:site-3"} <= set(reports[-1].rows)
     assert "macro-auc" in reports[-1].table

@@ -115,3 +115,96 @@ def test_initial_global_model_depends_only_on_the_seed() -> None:
     a, b, c = state(7), state(7), state(8)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+
+
+class _Nodes:
+    """The part of a Grid that FedAvg's configure_* uses."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+@pytest.fixture()
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)  # what the ServerApp process sets
+
+
+def _answer(msg: Message, weight: np.ndarray, n: int, *, echo=True) -> Message:
+    msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}"
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": Array(weight.astype(np.float32)),
+                               "bn.num_batches_tracked": Array(np.array(3, dtype=np.int64))}),
+        "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+    })
+    if echo:
+        content["fedrad-echo"] = ConfigRecord(dict(msg.content["fedrad-echo"]))
+    return Message(content, reply_to=msg)
+
+
+def _corrupt(code: str, msg: Message, stale: Message) -> Message:
+    good = _answer(msg, np.full((2, 2), 9.0), 10)
+    arrays = good.content["arrays"]
+    if code == "non-finite":
+        arrays["w"] = Array(np.full((2, 2), np.nan, np.float32))
+    elif code == "wrong-shape":
+        arrays["w"] = Array(np.zeros((3, 2), np.float32))
+    elif code == "bad-dtype":
+        arrays["w"] = Array(np.zeros((2, 2), np.float64))
+    elif code == "oversized":
+        arrays["extra"] = Array(np.zeros(200_000, np.float32))
+    elif code == "malformed":
+        del good.content["metrics"]
+    elif code == "bad-num-examples":
+        good.content["metrics"]["num-examples"] = -4
+    elif code == "replayed":
+        return _answer(stale, np.full((2, 2), 9.0), 10)
+    return good
+
+
+@pytest.mark.parametrize("code", ["non-finite", "wrong-shape", "bad-dtype", "oversized",
+                                  "malformed", "bad-num-examples", "replayed"])
+def test_plain_round_excludes_a_bad_reply_with_its_code(tmp_path: Path, task_identity,
+                                                        code: str) -> None:
+    strategy = _strategy(tmp_path)
+    global_arrays = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)),
+                                 "bn.num_batches_tracked": Array(np.array(0, np.int64))})
+    grid = _Nodes([11, 12, 13])
+    old = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), grid))
+    messages = list(strategy.configure_train(2, global_arrays, ConfigRecord({}), grid))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies = [_answer(by_node[11], np.zeros((2, 2)), 10),
+               _answer(by_node[12], np.ones((2, 2)), 30),
+               _corrupt(code, by_node[13], old[0])]
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 0.75))
+    assert metrics["sites"] == 2
+    assert any(f"[{code}]" in f and "node 13" in f for f in strategy.round_failures[2])
+
+
+def test_plain_evaluate_rejects_a_reply_without_the_round_nonce(tmp_path: Path,
+                                                                 task_identity) -> None:
+    strategy = _strategy(tmp_path, min_sites=1)
+    global_arrays = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})
+    messages = list(strategy.configure_evaluate(1, global_arrays, ConfigRecord({}),
+                                                _Nodes([1, 2])))
+    rng = np.random.default_rng(3)
+    replies = []
+    for i, msg in enumerate(messages):
+        msg.metadata.__dict__["_message_id"] = f"e{i}"
+        labels = rng.integers(0, 2, 20)
+        counts = count_outcomes(np.stack([1 - labels * 0.8, labels * 0.8], 1), labels, bins=1000)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 20,
+                                                       **counts_to_metrics(counts)})})
+        if i == 0:
+            content["fedrad-echo"] = ConfigRecord(dict(msg.content["fedrad-echo"]))
+        replies.append(Message(content, reply_to=msg))
+    result = strategy.aggregate_evaluate(1, replies)
+    assert strategy.metrics_log.round_rows(1)["pooled"]["n"] == 20
+    assert result is not None
+    assert any("[malformed]" in f for f in strategy.round_failures[1])
