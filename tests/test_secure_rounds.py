@@ -400,3 +400,56 @@ def test_threshold_above_the_sites_is_a_clean_failure(fake_sites) -> None:
     rounds, failures, pooled, after = _run(grid, _settings(**{"secagg-threshold": 5}))
     assert any("secagg-threshold=5" in f for f in failures[1])
     assert pooled == {}
+
+
+def _write_site(path: Path, n: int, seed: int) -> Path:
+    from fedrad.common.cache import write_cache
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.integers(0, 120, (n, 32, 32)).astype(np.uint8)
+    images[labels == 1, 8:24, 8:24] += 100
+    write_cache(path, images, labels, records=[{"id": f"i{i}", "label": int(v)}
+                                               for i, v in enumerate(labels)],
+                quarantine=[], meta={"num_classes": 2})
+    return path
+
+
+@pytest.mark.slow
+def test_server_app_secure_run_matches_the_plain_run(tmp_path: Path, monkeypatch) -> None:
+    """The real ClientApp and run_federation: checkpoints, metrics files, reports."""
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrad.server.checkpoint import load_checkpoint
+    from fedrad.server.server_app import run_federation
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    torch.set_num_threads(1)
+    sites = {i: SiteContext(f"site-{i}", _write_site(tmp_path / f"c{i}", 15 + 5 * i, i))
+             for i in range(3)}
+    outputs = {}
+    reports = {}
+    for secure in (False, True):
+        settings = load_settings({"image-size": 32, "num-server-rounds": 1, "min-sites": 3,
+                                  "batch-size": 8, "secure-aggregation": secure,
+                                  "out-dir": str(tmp_path / f"out-{secure}")})
+        grid = FakeGrid(make_client_app(sites, threads=1), [BIG + i for i in range(3)])
+        got = []
+        run_federation(grid, settings, on_round=got.append)
+        outputs[secure], reports[secure] = Path(settings.out_dir), got
+    plain = load_checkpoint(outputs[False] / "checkpoints" / "round-001.pt")["state_dict"]
+    secure = load_checkpoint(outputs[True] / "checkpoints" / "round-001.pt")["state_dict"]
+    for key, value in plain.items():
+        assert secure[key].dtype == value.dtype and secure[key].shape == value.shape
+        if value.is_floating_point():
+            assert torch.allclose(secure[key], value, atol=2e-6, rtol=0), key
+        else:
+            assert torch.equal(secure[key], value), key
+    assert set(reports[True][0].rows) == {"pooled"}
+    assert {"pooled", "site:site-0", "site:site-1", "site:site-2"} == set(reports[False][0].rows)
+    assert reports[True][0].rows["pooled"]["n"] == reports[False][0].rows["pooled"]["n"]
+    assert reports[True][0].failures == [] and reports[False][0].failures == []
+    text = (outputs[True] / "metrics.csv").read_text()
+    assert "site:" not in text and "\n0,pooled," in text  # round-0 pooled row from the census
