@@ -422,7 +422,8 @@ def ledger_text(path: Path | str, *, budget: float | None = None) -> str:
                      f"(delta {min(e.delta for e in run_entries):g})")
     total_delta = min(e.delta for e in entries)
     total = RdpAccountant(rounds=[e.release() for e in entries]).epsilon(total_delta)
-    lines.append(f"total: epsilon {total:.4g} (delta {total_delta:g}) over {len(runs)} runs")
+    plural = "s" if len(runs) != 1 else ""
+    lines.append(f"total: epsilon {total:.4g} (delta {total_delta:g}) over {len(runs)} run{plural}")
     if budget is not None:
         lines.append(f"budget: {budget:g}, left: {max(budget - total, 0.0):.4g}")
     return "\n".join(lines)
