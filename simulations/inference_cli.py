@@ -172,8 +172,16 @@ def predict(
         raise typer.Exit(code=1)
 
 
-def _load_labelled(data: Path, loaded: LoadedModel, split: str) -> tuple[np.ndarray, np.ndarray,
-                                                                          str]:
+def _subset(images: np.ndarray, labels: np.ndarray, what: str, max_images: int | None
+            ) -> tuple[np.ndarray, np.ndarray, str]:
+    if max_images is None or max_images >= len(labels):
+        return images, labels, what
+    keep = np.sort(np.random.default_rng(0).choice(len(labels), max_images, replace=False))
+    return images[keep], labels[keep], f"{what}, random sample of {max_images} of {len(labels)}"
+
+
+def _load_labelled(data: Path, loaded: LoadedModel, split: str, max_images: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, str]:
     if data.is_dir():
         cache = load_cache(data)
         if cache.num_classes != loaded.settings.num_classes:
@@ -182,7 +190,8 @@ def _load_labelled(data: Path, loaded: LoadedModel, split: str) -> tuple[np.ndar
                 f"the cache has {cache.num_classes} classes, the model "
                 f"{loaded.settings.num_classes}; evaluate on data labelled like the "
                 "federation's")
-        return np.asarray(cache.images), np.asarray(cache.labels), "prepared cache"
+        return _subset(np.asarray(cache.images), np.asarray(cache.labels), "prepared cache",
+                       max_images)
     if data.suffix.lower() == ".npz":
         dataset = load_medmnist(data)
         if dataset.num_classes != loaded.settings.num_classes:
@@ -191,9 +200,9 @@ def _load_labelled(data: Path, loaded: LoadedModel, split: str) -> tuple[np.ndar
                 f"{data.name} has {dataset.num_classes} classes, the model "
                 f"{loaded.settings.num_classes}; evaluate on data labelled like the "
                 "federation's")
-        images, labels = dataset.split(split)
-        return (preprocess_images(images, loaded.settings), np.asarray(labels),
-                f"{data.name} ({split} split, preprocessed as the sites do)")
+        images, labels, what = _subset(*dataset.split(split), f"{data.name} ({split} split, "
+                                       "preprocessed as the sites do)", max_images)
+        return preprocess_images(images, loaded.settings), np.asarray(labels), what
     raise FedradError(
         "bad-data", f"--data must be a prepared cache folder (fedrad site prepare) or a "
         f"MedMNIST-format .npz file; got {data.name!r}", local_detail=str(data))
@@ -238,6 +247,9 @@ def evaluate(
     heatmaps: Annotated[int, typer.Option(
         "--heatmaps", min=0, help="Images shown with their heatmaps in heatmaps.png.")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    max_images: Annotated[int | None, typer.Option(
+        "--max-images", min=1, help="Score a random sample (seed 0) of at most this many "
+        "images, for a quick look at a large set; metrics.json records it.")] = None,
 ) -> None:
     """Score a checkpoint on a labelled set: pooled metrics with 95 % intervals and plots.
 
@@ -245,7 +257,7 @@ def evaluate(
     """
     try:
         loaded = load_checkpoint_model(checkpoint, device=device)
-        images, labels, what = _load_labelled(data, loaded, split)
+        images, labels, what = _load_labelled(data, loaded, split, max_images)
         positive: int | str = int(positive_class) if positive_class.isdigit() else \
             positive_class
         result = evaluate_images(loaded, images, labels, batch_size=batch_size,

@@ -252,11 +252,13 @@ def test_cli_evaluate_on_a_medmnist_npz(checkpoint, shared_data, tmp_path):
     npz = shared_data / "pneumoniamnist" / "pneumoniamnist.npz"
     out = tmp_path / "eval"
     res = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(npz), "--split",
-                              "val", "--out", str(out), "--device", "cpu", "--heatmaps", "0"])
+                              "val", "--out", str(out), "--device", "cpu", "--heatmaps", "0",
+                              "--max-images", "60"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "metrics.json").read_text())
-    assert report["metrics"]["n"] == 524  # PneumoniaMNIST's validation split
-    assert "val split" in report["data"]
+    assert report["metrics"]["n"] == 60
+    assert "val split" in report["data"] and "60 of 524" in report["data"]  # 524: the split
+    assert sum(map(sum, report["confusion"])) == 60
     assert not (out / "heatmaps.png").exists()
 
 
