@@ -498,7 +498,8 @@ def _process_file(path: Path, options: PrepareOptions, secret: bytes) -> _Result
             return ("error", *problem)
     try:
         decoded = decode_dicom(path, frame_policy=options.frame_policy,
-                               voi_policy=options.voi_policy, max_pixels=options.max_pixels)
+                               voi_policy=options.voi_policy, max_pixels=options.max_pixels,
+                               allow_affine=True)
     except DicomError as e:
         return ("error", e.code, e.message, e.local_detail)
     if header is None:  # no Part 10 preamble: it decoded, so its header reads with force
@@ -520,7 +521,9 @@ def _process_file(path: Path, options: PrepareOptions, secret: bytes) -> _Result
     elif decoded.sop_instance_uid:
         uid = remap_uid(decoded.sop_instance_uid, secret)
     try:
-        image = to_uint8(_pipeline(options)(decoded.pixels))
+        pipeline = _pipeline(options) if decoded.affine is None else build_preprocess(
+            options, crop_square=options.crop_square, affine=decoded.affine)
+        image = to_uint8(pipeline(decoded.pixels))
     except Exception as e:  # noqa: BLE001 - recorded in the quarantine log, never dropped
         return ("error", "preprocess-failed", "The image decoded but preprocessing failed; "
                 "this is a fedrad bug, please report it with the local log.",

@@ -116,6 +116,14 @@ class DecodedImage:
         goes anywhere.
     manufacturer:
         (0008,0070) Manufacturer, or ``None``.
+    affine:
+        ``None``, except from ``decode_dicom(..., allow_affine=True)`` when the frame's
+        grey values are exactly its stored values times a power of two (no LUT, an
+        identity rescale, a window that maps the stored range onto itself): then
+        ``pixels`` holds the stored values (a read-only integer array) and the grey
+        image is ``affine[0] * pixels + affine[1]`` (``affine[1]`` is 0), bit for bit.
+        Linear steps such as resizing can then run on the stored values and the scale
+        on the small result, with the same bits (see :func:`_grey_affine`).
     """
 
     pixels: np.ndarray
@@ -127,6 +135,7 @@ class DecodedImage:
     frames: int
     sop_instance_uid: str | None
     manufacturer: str | None
+    affine: tuple[float, float] | None = None
 
 
 # --------------------------------------------------------------------------- reading
@@ -315,8 +324,13 @@ def _decode_stored(ds: Any, path: Path, index: int | None) -> np.ndarray:
     """Decode stored values (one frame when ``index`` is given) with pydicom."""
     from pydicom.pixels import pixel_array
 
+    return _classify_pydicom(lambda: pixel_array(ds, index=index), path)
+
+
+def _classify_pydicom(func: Any, path: Path) -> Any:
+    """Call ``func`` (pydicom decoding), turning its failures into :class:`DicomError`."""
     try:
-        return pixel_array(ds, index=index)
+        return func()
     except MemoryError as e:
         raise _error("too-large", "Not enough memory to decode this image.", path, e) from e
     except (NotImplementedError, RuntimeError) as e:
@@ -404,6 +418,99 @@ def _grey_luts(arr: np.ndarray, ds: Any, frame: int, voi_policy: str) -> np.ndar
     return table[arr] if start == 0 else table[arr.astype(np.int32) - start]
 
 
+_RAW_LE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # native, not deflated
+
+
+def _native_grey_frame(ds: Any, layout: _Layout, path: Path, index: int | None
+                       ) -> np.ndarray | None:
+    """The raw bit patterns of one uncompressed little-endian greyscale frame, or None.
+
+    A read-only view on the pixel data read with the header (no decode, no copy); the
+    unused high bits are not cleared yet -- :func:`_grey_table` does it.  pydicom's own
+    validation of the image attributes runs first, so a file it would refuse fails here
+    with the same reason.  None (decode with pydicom) for anything else: compressed, big
+    endian or deflated data, other than 8 or 16 bits allocated, a frame the data does
+    not hold, and images too small for :func:`_grey_luts` to use its table.
+    """
+    if (layout.pixel_keyword != "PixelData" or layout.samples != 1
+            or layout.photometric not in _MONOCHROME
+            or layout.bits_allocated not in (8, 16)
+            or layout.rows * layout.cols < max(4096, 4 << layout.bits_allocated)):
+        return None
+    file_meta = getattr(ds, "file_meta", None)
+    tsyntax = file_meta.get("TransferSyntaxUID", None) if file_meta is not None else None
+    if str(tsyntax or "") not in _RAW_LE_SYNTAXES:
+        return None
+
+    def validated() -> Any:
+        from pydicom.pixels.decoders.base import DecodeRunner
+        from pydicom.pixels.utils import as_pixel_options
+
+        runner = DecodeRunner(tsyntax)
+        runner.set_source(ds)
+        runner.set_options(**as_pixel_options(ds))
+        runner.validate()
+        return runner
+
+    runner = _classify_pydicom(validated, path)
+    if (runner.bits_allocated != layout.bits_allocated or runner.samples_per_pixel != 1
+            or runner.pixel_representation not in (0, 1)):
+        return None
+    value = ds.PixelData
+    if not isinstance(value, (bytes, bytearray)):
+        return None
+    itemsize = layout.bits_allocated // 8
+    count = layout.rows * layout.cols
+    offset = (index or 0) * count * itemsize
+    if offset + count * itemsize > len(value):
+        return None  # pydicom's decoder reports the missing frame
+    raw = np.frombuffer(value, dtype=f"<u{itemsize}", count=count, offset=offset)
+    return raw.reshape(layout.rows, layout.cols)
+
+
+def _grey_table(ds: Any, layout: _Layout, frame: int, voi_policy: str) -> np.ndarray:
+    """``float32`` grey value of every raw bit pattern of a native greyscale frame.
+
+    Entry ``p`` is the Modality + VOI LUT (per policy) of the stored value pydicom
+    decodes from pattern ``p`` (unused high bits cleared, sign extended when Pixel
+    Representation is 1), so ``table[raw]`` is the image :func:`_grey_luts` gives from
+    pydicom's array, bit for bit.  The LUTs run once per possible stored value.
+    """
+    bits, stored = layout.bits_allocated, layout.bits_stored
+    signed = int(ds.PixelRepresentation) == 1
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+    patterns = np.arange(1 << bits, dtype=f"u{bits // 8}").view(dtype)
+    shift = bits - stored
+    values = (patterns << shift) >> shift if shift else patterns
+    lo = -(1 << (stored - 1)) if signed else 0
+    domain = np.arange(lo, lo + (1 << stored), dtype=dtype).reshape(1, -1)
+    grey = _luts_elementwise(domain, ds, frame, voi_policy).ravel().astype(np.float32)
+    return grey[values.astype(np.int64) - lo]
+
+
+def _grey_affine(lo: int, hi: int, grey: np.ndarray, photometric: str
+                 ) -> tuple[float, float] | None:
+    """``(scale, 0.0)`` when ``grey[v - lo] == float32(v) * scale`` exactly for every stored
+    value ``v`` in ``[lo, hi]`` and ``scale`` is a power of two; otherwise None.
+
+    ``grey`` is the ``float32`` grey value of each stored value in the range, as the
+    lookup table of :func:`_grey_luts` holds it.  This is the case of a frame without
+    LUTs, with an identity rescale, or with a window that maps the stored range onto
+    itself.  Multiplying by a power of two is exact in floating point, so every linear
+    step (cropping, resizing) run on the stored values and then scaled gives the same
+    bits as on the grey image.  MONOCHROME1 (an inversion, not a scale) never qualifies.
+    """
+    if photometric != "MONOCHROME2" or hi <= lo or grey.shape != (hi - lo + 1,):
+        return None
+    scale = (float(grey[-1]) - float(grey[0])) / (hi - lo)
+    if not (scale > 0 and math.isfinite(scale)) or math.frexp(scale)[0] != 0.5:
+        return None
+    line = np.arange(lo, hi + 1, dtype=np.float32) * np.float32(scale)
+    if max(abs(lo), abs(hi)) >= 1 << 24 or not np.array_equal(grey, line):
+        return None
+    return scale, 0.0
+
+
 def _to_grey(arr: np.ndarray, ds: Any, layout: _Layout, path: Path) -> np.ndarray:
     if layout.photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
@@ -458,6 +565,7 @@ def decode_dicom(
     frame_policy: str = "middle",
     voi_policy: str = "auto",
     max_pixels: int = 64_000_000,
+    allow_affine: bool = False,
 ) -> DecodedImage:
     """Decode one frame of a DICOM file into a 2-D ``float32`` greyscale image.
 
@@ -474,6 +582,10 @@ def decode_dicom(
     max_pixels:
         Upper bound on ``Rows * Columns * NumberOfFrames * SamplesPerPixel`` as claimed
         by the header, checked before any pixel is decoded.
+    allow_affine:
+        Return the stored values and ``DecodedImage.affine`` instead of the grey image
+        when the grey values are exactly the stored values times a power of two (see
+        :class:`DecodedImage`); otherwise (and by default) the grey image.
 
     Returns
     -------
@@ -491,24 +603,66 @@ def decode_dicom(
         raise ValueError(f"frame_policy must be one of {FRAME_POLICIES}, got {frame_policy!r}")
     if voi_policy not in VOI_POLICIES:
         raise ValueError(f"voi_policy must be one of {VOI_POLICIES}, got {voi_policy!r}")
-    return _run_logging_warnings(_decode, Path(path), frame_policy, voi_policy, max_pixels)
+    return _run_logging_warnings(_decode, Path(path), frame_policy, voi_policy, max_pixels,
+                                 allow_affine)
 
 
-def _decode(path: Path, frame_policy: str, voi_policy: str, max_pixels: int) -> DecodedImage:
+def _stored_affine(raw: np.ndarray | None, arr: np.ndarray | None, table: np.ndarray | None,
+                   ds: Any, layout: _Layout, frame: int, voi_policy: str
+                   ) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """The stored values and their affine grey transform, when there is one."""
+    if raw is not None and table is not None:
+        # Native frame: the raw patterns are the stored values when no unused high bit
+        # is set (unsigned) or they are already sign extended (signed).
+        signed = int(ds.PixelRepresentation) == 1
+        stored = raw.view(raw.dtype.str.replace("u", "i")) if signed else raw
+        lo, hi = int(stored.min()), int(stored.max())
+        half = 1 << (layout.bits_stored - 1)
+        if (signed and not -half <= lo <= hi < half) or (not signed and hi >= 2 * half):
+            return None
+        mask = (1 << layout.bits_allocated) - 1
+        grey = table[np.arange(lo, hi + 1, dtype=np.int64) & mask]
+    elif arr is not None and arr.dtype.kind in "iu" and arr.ndim == 2 and arr.size >= 4096:
+        stored = arr
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo >= _MAX_TABLE:
+            return None
+        values = np.arange(lo, hi + 1, dtype=arr.dtype).reshape(1, -1)
+        grey = _luts_elementwise(values, ds, frame, voi_policy).ravel().astype(np.float32)
+    else:
+        return None
+    affine = _grey_affine(lo, hi, grey, layout.photometric)
+    return None if affine is None else (stored, affine)
+
+
+def _decode(path: Path, frame_policy: str, voi_policy: str, max_pixels: int,
+            allow_affine: bool = False) -> DecodedImage:
     ds = _read_dataset(path)
     layout = _check_layout(ds, path, max_pixels)
     frame = _frame_index(layout.frames, frame_policy)
-    arr = _decode_stored(ds, path, frame if layout.frames > 1 else None)
+    raw = _native_grey_frame(ds, layout, path, frame if layout.frames > 1 else None)
+    arr = None if raw is not None else _decode_stored(
+        ds, path, frame if layout.frames > 1 else None)
+    affine = None
     try:
-        if layout.photometric in _MONOCHROME:
+        table = _grey_table(ds, layout, frame, voi_policy) if raw is not None else None
+        if allow_affine and layout.photometric in _MONOCHROME:
+            affine = _stored_affine(raw, arr, table, ds, layout, frame, voi_policy)
+        if affine is not None:
+            pixels = affine[0]
+        elif raw is not None:
+            # Uncompressed greyscale: look the raw patterns up in a table of the LUTs.
+            pixels = table[raw]
+            if not np.isfinite(table).all():
+                pixels = _make_finite(pixels, path)
+        elif layout.photometric in _MONOCHROME:
             if arr.ndim != 2:
                 raise _error("unsupported-layout", "The greyscale frame does not decode to "
                              "a 2-D array.", path)
-            pixels = _grey_luts(arr, ds, frame, voi_policy)
+            pixels = _make_finite(_grey_luts(arr, ds, frame, voi_policy), path)
         else:
-            pixels = _to_grey(arr, ds, layout, path)
-        pixels = _make_finite(pixels, path)
-        if layout.photometric == "MONOCHROME1":
+            pixels = _make_finite(_to_grey(arr, ds, layout, path), path)
+        if layout.photometric == "MONOCHROME1" and affine is None:
             pixels = pixels.min() + pixels.max() - pixels
     except DicomError:
         raise
@@ -518,7 +672,8 @@ def _decode(path: Path, frame_policy: str, voi_policy: str, max_pixels: int) -> 
         raise _error("corrupt", "The image's lookup tables (Modality LUT, VOI LUT or "
                      "palette) are invalid; re-export the file from PACS.", path, e) from e
     return DecodedImage(
-        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        pixels=pixels if affine is not None else np.ascontiguousarray(pixels,
+                                                                       dtype=np.float32),
         modality=_attr_str(ds, "Modality") or "",
         photometric=layout.photometric,
         bits_stored=layout.bits_stored,
@@ -527,6 +682,7 @@ def _decode(path: Path, frame_policy: str, voi_policy: str, max_pixels: int) -> 
         frames=layout.frames,
         sop_instance_uid=_attr_str(ds, "SOPInstanceUID"),
         manufacturer=_attr_str(ds, "Manufacturer"),
+        affine=affine[1] if affine is not None else None,
     )
 
 

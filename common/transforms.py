@@ -42,6 +42,7 @@ __all__ = [
     "HistogramEqualized",
     "ScaleIntensity",
     "ScaleIntensityd",
+    "ScaleShift",
     "build_preprocess",
 ]
 
@@ -157,7 +158,27 @@ def _resample_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(index[keep], 0, n_in - 1), weight[keep].astype(np.float32)
 
 
-def _resample_rows(arr: np.ndarray, n_out: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _resample_matrix(n_in: int, n_out: int) -> Any:
+    """The taps of :func:`_resample_taps` as a ``(n_out, n_in)`` CSR matrix, or None.
+
+    Each row holds its output's taps in tap order (zero weights and repeated edge
+    indices kept), so ``matrix @ arr`` adds ``weight * input`` tap by tap in ``float32``
+    exactly as the loop of :func:`_resample_rows_loop` does -- the same bits, with one
+    pass over the image instead of three per tap.  None when SciPy is not installed.
+    """
+    try:
+        from scipy import sparse
+    except ImportError:
+        return None
+    index, weight = _resample_taps(n_in, n_out)
+    taps = index.shape[0]
+    return sparse.csr_matrix(
+        (np.ascontiguousarray(weight.T).ravel(), np.ascontiguousarray(index.T).ravel(),
+         np.arange(0, taps * n_out + 1, taps)), shape=(n_out, n_in))
+
+
+def _resample_rows_loop(arr: np.ndarray, n_out: int) -> np.ndarray:
     index, weight = _resample_taps(arr.shape[0], n_out)
     out = np.zeros((n_out, arr.shape[1]), dtype=np.float32)
     for idx, w in zip(index, weight, strict=True):
@@ -165,12 +186,17 @@ def _resample_rows(arr: np.ndarray, n_out: int) -> np.ndarray:
     return out
 
 
+def _resample_rows(arr: np.ndarray, n_out: int) -> np.ndarray:
+    """Resample the rows (axis 0) of a ``float32`` image to ``n_out``."""
+    matrix = _resample_matrix(arr.shape[0], n_out)
+    if matrix is None:
+        return _resample_rows_loop(arr, n_out)
+    return np.asarray(matrix @ arr, dtype=np.float32)
+
+
 def _resample_cols(arr: np.ndarray, n_out: int) -> np.ndarray:
-    index, weight = _resample_taps(arr.shape[1], n_out)
-    out = np.zeros((arr.shape[0], n_out), dtype=np.float32)
-    for idx, w in zip(index, weight, strict=True):
-        out += w[None, :] * arr[:, idx]
-    return out
+    """Resample the columns (axis 1): the row resampling of the transposed image."""
+    return np.ascontiguousarray(_resample_rows(np.ascontiguousarray(arr.T), n_out).T)
 
 
 class Resize(Transform):
@@ -278,6 +304,20 @@ class ScaleIntensity(Transform):
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+class ScaleShift(Transform):
+    """``slope * x + intercept`` (computed in float64, returned as ``float32``)."""
+
+    def __init__(self, slope: float, intercept: float) -> None:
+        self.slope = float(slope)
+        self.intercept = float(intercept)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        arr = np.asarray(img)
+        if arr.ndim != 2:
+            raise ValueError(f"expected a 2-D image (rows, cols), got shape {arr.shape}")
+        return (arr.astype(np.float64) * self.slope + self.intercept).astype(np.float32)
+
+
 class CropToSquared(MapTransform):
     """Dictionary version of :class:`CropToSquare`."""
 
@@ -323,13 +363,23 @@ class ScaleIntensityd(MapTransform):
         self.transform = ScaleIntensity()
 
 
-def build_preprocess(settings: Any, *, crop_square: bool = False) -> Compose:
+def build_preprocess(settings: Any, *, crop_square: bool = False,
+                     affine: tuple[float, float] | None = None) -> Compose:
     """Return the site preprocessing pipeline for ``settings``.
 
     Order: [centre-crop to square] -> resize to ``settings.image_size`` squared ->
     Gaussian denoise with ``settings.denoise_sigma`` output pixels (skipped at 0) ->
     histogram equalisation (if ``settings.equalize``) -> scale to [0, 1].  See the
     module docstring for why this order.
+
+    With ``affine = (slope, intercept)`` the pipeline takes an image ``x`` whose grey
+    values are ``slope * x + intercept`` (a DICOM frame's stored values, see
+    :class:`fedrad.common.dicom.DecodedImage`) and applies that map right after the
+    resize (:class:`ScaleShift`): cropping and resizing are linear with weights summing
+    to one, so this equals the pipeline on the grey image up to float rounding -- bit
+    for bit when ``slope`` is a power of two and ``intercept`` is 0, the only form
+    :func:`fedrad.common.dicom.decode_dicom` hands out -- and the full-size grey image
+    is never made.
 
     Parameters
     ----------
@@ -349,6 +399,8 @@ def build_preprocess(settings: Any, *, crop_square: bool = False) -> Compose:
     if crop_square:
         steps.append(CropToSquare())
     steps.append(Resize(int(settings.image_size)))
+    if affine is not None:
+        steps.append(ScaleShift(*affine))
     if float(settings.denoise_sigma) > 0:
         steps.append(GaussianDenoise(float(settings.denoise_sigma)))
     if settings.equalize:

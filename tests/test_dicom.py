@@ -274,3 +274,147 @@ def test_lut_lookup_table_equals_per_pixel_luts(name: str, monkeypatch) -> None:
     span = float(slow.max() - slow.min()) or 1.0
     assert fast.shape == slow.shape
     assert float(np.abs(fast - slow).max()) / span < 1e-6
+
+
+# ------------------------------------------------ uncompressed fast path, stored-value form
+
+
+def _write_grey(path: Path, stored: np.ndarray, *, bits_allocated: int = 16,
+                bits_stored: int = 12, signed: bool = False, photometric: str = "MONOCHROME2",
+                implicit: bool = False, **attrs: object) -> Path:
+    """Write an uncompressed greyscale DICOM file whose pixel data holds ``stored`` as is."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    if stored.ndim == 3:
+        ds.NumberOfFrames = stored.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _lut_item() -> object:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.LUTData = (np.sqrt(np.arange(4096)) * 1000).astype("<u2").tobytes()
+    return item
+
+
+_RNG = np.random.default_rng(7)
+_U12 = _RNG.integers(0, 4096, (520, 512)).astype(np.uint16)
+_S12 = _RNG.integers(-2048, 2048, (520, 512)).astype(np.int16)
+GREY_CASES = {
+    "plain": (_U12, {}),
+    "unused-high-bits-set": (_U12 | (_RNG.integers(0, 16, _U12.shape).astype(np.uint16) << 12),
+                             {}),
+    "window-clips": (_U12, {"WindowCenter": 1500, "WindowWidth": 800}),
+    "window-is-identity": (_U12, {"WindowCenter": 2048, "WindowWidth": 4096}),
+    "rescale": (_U12, {"RescaleSlope": 0.5, "RescaleIntercept": -1024}),
+    "sigmoid": (_U12, {"RescaleSlope": 2, "RescaleIntercept": -100, "WindowCenter": 3000,
+                       "WindowWidth": 5000, "VOILUTFunction": "SIGMOID"}),
+    "monochrome1": (_U12, {"photometric": "MONOCHROME1"}),
+    "implicit-vr": (_U12, {"implicit": True, "WindowCenter": 1000, "WindowWidth": 1200}),
+    "signed": (_S12, {"signed": True, "RescaleSlope": 1, "RescaleIntercept": 0}),
+    "signed-not-extended": ((_S12.view(np.uint16) & 0x0FFF).view(np.int16), {"signed": True}),
+    "signed-16": (_RNG.integers(-30000, 30000, _U12.shape).astype(np.int16),
+                  {"signed": True, "bits_stored": 16, "WindowCenter": 0, "WindowWidth": 20000}),
+    "unsigned-16": (_RNG.integers(0, 65536, _U12.shape).astype(np.uint16), {"bits_stored": 16}),
+    "8-bit": (_RNG.integers(0, 256, _U12.shape).astype(np.uint8),
+              {"bits_allocated": 8, "bits_stored": 7, "WindowCenter": 60, "WindowWidth": 50}),
+    "voi-lut-sequence": (_U12, {"VOILUTSequence": None}),
+    "three-frames": (_RNG.integers(0, 4096, (3, 520, 512)).astype(np.uint16), {}),
+    "constant": (np.full(_U12.shape, 777, np.uint16), {}),
+}
+
+
+def _grey_case(tmp_path: Path, name: str) -> Path:
+    from pydicom.sequence import Sequence
+
+    stored, attrs = GREY_CASES[name]
+    attrs = dict(attrs)
+    if "VOILUTSequence" in attrs:
+        attrs["VOILUTSequence"] = Sequence([_lut_item()])
+    return _write_grey(tmp_path / f"{name}.dcm", stored, **attrs)
+
+
+@pytest.mark.parametrize("name", list(GREY_CASES))
+def test_uncompressed_fast_path_gives_pydicoms_image(tmp_path: Path, name: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading uncompressed greyscale pixels directly and looking them up in a table of
+    every bit pattern gives the same bits as pydicom's decoder and the per-value LUTs."""
+    import fedrad.common.dicom as dicom_mod
+
+    path = _grey_case(tmp_path, name)
+    used = []
+    table = dicom_mod._grey_table
+    monkeypatch.setattr(dicom_mod, "_grey_table", lambda *a: used.append(1) or table(*a))
+    fast = {policy: decode_dicom(path, voi_policy=policy, frame_policy="first").pixels
+            for policy in ("auto", "none")}
+    assert used, "the uncompressed fast path was not taken"
+    monkeypatch.setattr(dicom_mod, "_native_grey_frame", lambda *a: None)
+    for policy, image in fast.items():
+        slow = decode_dicom(path, voi_policy=policy, frame_policy="first").pixels
+        assert image.dtype == slow.dtype == np.float32 and image.shape == slow.shape
+        assert np.array_equal(image.view(np.uint32), slow.view(np.uint32)), policy
+
+
+def test_fast_path_keeps_pydicoms_validation(tmp_path: Path) -> None:
+    path = _write_grey(tmp_path / "x.dcm", _U12, bits_stored=12)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.PixelRepresentation = 3  # invalid: pydicom refuses it, so must we
+    ds.save_as(path)
+    with pytest.raises(DicomError) as info:
+        decode_dicom(path)
+    assert info.value.code == "corrupt"
+    short = _write_grey(tmp_path / "frames.dcm", _U12, NumberOfFrames=4)  # holds one frame
+    with pytest.raises(DicomError) as info:
+        decode_dicom(short, frame_policy="middle")
+    assert info.value.code in ("truncated", "corrupt")
+
+
+@pytest.mark.parametrize("name", list(GREY_CASES))
+def test_stored_value_form_only_when_exact(tmp_path: Path, name: str) -> None:
+    """``allow_affine`` hands out the stored values only when scaling them by the given
+    power of two reproduces the grey image bit for bit."""
+    path = _grey_case(tmp_path, name)
+    grey = decode_dicom(path)
+    lazy = decode_dicom(path, allow_affine=True)
+    if lazy.affine is None:
+        assert np.array_equal(lazy.pixels.view(np.uint32), grey.pixels.view(np.uint32))
+        return
+    slope, intercept = lazy.affine
+    assert intercept == 0.0 and slope > 0 and np.log2(slope).is_integer()
+    assert lazy.pixels.dtype.kind in "iu"
+    rebuilt = lazy.pixels.astype(np.float32) * np.float32(slope)
+    assert np.array_equal(rebuilt.view(np.uint32), grey.pixels.view(np.uint32))
+
+
+def test_stored_value_form_is_used_for_plain_images(tmp_path: Path) -> None:
+    for name in ("plain", "window-is-identity", "signed", "unsigned-16", "three-frames"):
+        assert decode_dicom(_grey_case(tmp_path, name), allow_affine=True).affine == (1.0, 0.0)
+    for name in ("window-clips", "rescale", "monochrome1", "sigmoid", "constant",
+                 "unused-high-bits-set"):
+        assert decode_dicom(_grey_case(tmp_path, name), allow_affine=True).affine is None

@@ -20,6 +20,7 @@ from fedrad.common.transforms import (
     Resized,
     ScaleIntensity,
     ScaleIntensityd,
+    ScaleShift,
     build_preprocess,
 )
 
@@ -69,6 +70,56 @@ def test_resize_rejects_bad_input() -> None:
         Resize(0)
     with pytest.raises(ValueError, match="2-D"):
         Resize(4)(np.zeros((2, 3, 3), dtype=np.float32))
+
+
+def _resize_reference(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize as one ``out += weight * input`` pass per tap, in float32 (the definition)."""
+    from fedrad.common.transforms import _resample_taps
+
+    arr = img.astype(np.float32)
+    (h, w), (oh, ow) = arr.shape, size
+
+    def rows(a: np.ndarray, n: int) -> np.ndarray:
+        index, weight = _resample_taps(a.shape[0], n)
+        out = np.zeros((n, a.shape[1]), dtype=np.float32)
+        for idx, wt in zip(index, weight, strict=True):
+            out += wt[:, None] * a[idx, :]
+        return out
+
+    def cols(a: np.ndarray, n: int) -> np.ndarray:
+        index, weight = _resample_taps(a.shape[1], n)
+        out = np.zeros((a.shape[0], n), dtype=np.float32)
+        for idx, wt in zip(index, weight, strict=True):
+            out += wt[None, :] * a[:, idx]
+        return out
+
+    return cols(rows(arr, oh), ow) if oh * w <= h * ow else rows(cols(arr, ow), oh)
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((300, 280), (64, 64)), ((37, 53), (16, 16)), ((8, 8), (20, 20)), ((5, 90), (12, 7)),
+    ((200, 50), (30, 90)), ((1, 1), (4, 4)),
+])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_resize_is_bit_identical_to_the_tap_loop(shape: tuple[int, int], size: tuple[int, int],
+                                                 sparse: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sparse-matrix passes (and the NumPy fallback without SciPy) add the same
+    float32 products in the same order as the plain tap loop: the same bits."""
+    import fedrad.common.transforms as transforms_mod
+
+    if not sparse:
+        monkeypatch.setattr(transforms_mod, "_resample_matrix", lambda n_in, n_out: None)
+    img = (RNG.standard_normal(shape) * 1e3 + RNG.random() * 1e4).astype(np.float32)
+    out = Resize(size)(img)
+    ref = _resize_reference(img, size)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def test_resize_of_integers_equals_resize_of_their_floats() -> None:
+    stored = RNG.integers(-2048, 2048, (120, 90)).astype(np.int16)
+    assert np.array_equal(Resize(32)(stored), Resize(32)(stored.astype(np.float32)))
 
 
 def test_crop_to_square_keeps_the_centre() -> None:
@@ -200,3 +251,26 @@ def test_build_preprocess_options() -> None:
     np.testing.assert_array_equal(pipeline(img),
                                   ScaleIntensity()(Resize(8)(CropToSquare()(img))))
     np.testing.assert_array_equal(build_preprocess(settings)(np.zeros((9, 9))), 0.0)
+
+
+def test_scale_shift() -> None:
+    img = _image(6, 5)
+    out = ScaleShift(2.5, -3.0)(img)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, img.astype(np.float64) * 2.5 - 3.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="2-D"):
+        ScaleShift(1, 0)(np.zeros(3))
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_build_preprocess_on_stored_values_scaled_by_a_power_of_two(crop: bool) -> None:
+    """Scaling stored values by a power of two after resizing gives the same bits as
+    resizing the scaled (grey) image: the form decode_dicom(allow_affine=True) returns."""
+    settings = load_settings({"image-size": 24, "denoise-sigma": 0.7, "equalize": True})
+    stored = RNG.integers(0, 4096, (90, 70)).astype(np.uint16)
+    for scale in (1.0, 4.0, 0.125):
+        grey = stored.astype(np.float32) * np.float32(scale)
+        direct = build_preprocess(settings, crop_square=crop)(grey)
+        pipeline = build_preprocess(settings, crop_square=crop, affine=(scale, 0.0))
+        assert "ScaleShift" in [type(t).__name__ for t in pipeline.transforms]
+        assert np.array_equal(pipeline(stored).view(np.uint32), direct.view(np.uint32))
