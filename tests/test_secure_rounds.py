@@ -453,3 +453,16 @@ def test_server_app_secure_run_matches_the_plain_run(tmp_path: Path, monkeypatch
     assert reports[True][0].failures == [] and reports[False][0].failures == []
     text = (outputs[True] / "metrics.csv").read_text()
     assert "site:" not in text and "\n0,pooled," in text  # round-0 pooled row from the census
+
+
+def test_secagg_plus_neighbourhoods_give_the_same_mean(fake_sites) -> None:
+    nodes = [BIG + i for i in range(5)]
+    grid = FakeGrid(make_client_app(fake_sites), nodes)
+    grid.tamper = _drop_after_masking({nodes[2]})  # one dropout: t = 2 of 3 neighbours
+    rounds, failures, pooled, after = _run(grid, _settings(**{"secagg-degree": 2}))
+    shares = [m for m in grid.sent if RECORD in m.content and "share-params" in m.content[RECORD]]
+    assert '"degree": 2' in str(shares[0].content[RECORD]["share-params"])
+    _assert_close_to_fedavg(after[1], _expected_mean(list(range(5)), 1, _initial()),
+                            rounds.train_metrics[1]["error-bound"])
+    assert pooled[1][1] == merge_counts([_site_counts(i, 1) for i in range(5)
+                                         if i != 2]).n  # site 2 is gone by evaluation
