@@ -3,6 +3,13 @@
 Thin on purpose: settings come from :func:`fedrad.common.config.load_settings`, the
 metrics from :mod:`fedrad.common.metrics`, tables and files from
 :mod:`fedrad.server.evaluator`.
+
+With ``secure-aggregation`` (the default) the rounds run through
+:class:`~fedrad.server.secure_rounds.SecureRounds`: the same checkpoints, central
+evaluation and pooled rows, but the server only ever holds masked vectors and their sums,
+so there are no per-site rows and every site that holds keys trains (``fraction-train``
+applies to plain FedAvg only).  Without it, :class:`FedradFedAvg` runs Flower's FedAvg;
+in both, every reply is checked and a bad one is excluded with a reason code.
 """
 
 from __future__ import annotations
