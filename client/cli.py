@@ -217,6 +217,55 @@ def egress(
     console.print(f"{len(entries)} messages, {_size(total)} in all")
 
 
+ApprovedFile = Annotated[Path, typer.Option(
+    "--approved", help="The site's list of approved app bundles (JSON).")]
+
+
+@site_app.command("approve")
+def approve_app(
+    bundle: Annotated[str, typer.Argument(
+        help="The app bundle (.fab file from 'flwr build') or its SHA-256.")],
+    approved: ApprovedFile = Path("approved-apps.json"),
+    note: Annotated[str, typer.Option("--note", help="Why / by whom it was approved.")] = "",
+) -> None:
+    """Approve an app bundle: 'fedrad site run' runs only bundles approved here."""
+    from .approval import approve, load_approved
+
+    try:
+        entry = approve(approved, bundle, note=note)
+        apps = load_approved(approved)
+    except FedradError as err:
+        raise _fail(err) from None
+    what = f"{entry.fab_id} {entry.version}".strip() or "bundle"
+    console.print(f"approved {what} sha256 {entry.sha256}")
+    console.print(f"{len(apps)} approved bundle(s) in {approved}")
+
+
+@site_app.command("run", context_settings={"allow_extra_args": True,
+                                           "ignore_unknown_options": True})
+def run_site_cmd(
+    ctx: typer.Context,
+    approved: ApprovedFile = Path("approved-apps.json"),
+    runtime_port: Annotated[int, typer.Option(
+        "--runtime-port", min=1, max=65535,
+        help="Local (127.0.0.1) port of the SuperNode's Runtime API.")] = 9094,
+) -> None:
+    """Run this site's SuperNode so that it runs only approved app bundles.
+
+    Every other argument goes to flower-supernode, e.g. fedrad site run --approved
+    approved-apps.json --superlink link.example.org:9092 --root-certificates ca.crt
+    --auth-supernode-private-key site.key --node-config 'data-dir="/data/cache" site-id="a"'
+    """
+    from .approval import run_site
+
+    logging.basicConfig(level=logging.INFO, format="fedrad site run %(levelname)s %(message)s")
+    try:
+        code = run_site(list(ctx.args), approved, runtime_port=runtime_port)
+    except FedradError as err:
+        raise _fail(err) from None
+    raise typer.Exit(code=code)
+
+
 @site_app.command("privacy")
 def privacy(
     ledger: Annotated[Path, typer.Argument(

@@ -46,6 +46,7 @@ __all__ = [
     "EgressEntry",
     "egress_mod",
     "egress_log_path",
+    "log_reply",
     "describe_reply",
     "read_egress_log",
     "flower_error_reason",
@@ -219,6 +220,18 @@ def _append(path: Path, line: str, site_label: str) -> None:
             "site IT: check the egress-log location (disk space, permissions)",
             local_detail=f"{path}: {err}",
         ) from err
+
+
+def log_reply(node_config: Mapping[str, Any], reply: Message, incoming: Message) -> EgressEntry:
+    """Append the entry for ``reply`` to the site's egress log; raise if it cannot be written.
+
+    For code that sends a reply outside the ClientApp (the site's app-approval refusal).
+    """
+    path = egress_log_path(node_config)
+    entry = describe_reply(reply, incoming)
+    if path is not None:
+        _append(path, entry.to_json(), str(node_config.get("site-id", "unnamed-site")))
+    return entry
 
 
 def egress_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
