@@ -260,8 +260,11 @@ class PrivacyLedger:
         """Hold an exclusive lock on ``<ledger>.lock`` (between processes on this host)."""
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise self._unwritable(e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -269,8 +272,27 @@ class PrivacyLedger:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def _unwritable(self, err: OSError) -> FedradError:
+        return FedradError(
+            "privacy-ledger-unwritable",
+            f"site {self.site_id or '(unnamed)'} cannot write its privacy ledger "
+            f"({type(err).__name__}), so it sends no DP update; make the ledger's folder "
+            "writable with free space, or move the ledger with --node-config "
+            f"\"{NODE_PRIVACY_LEDGER}=<file>\" (keeping its entries)",
+            local_detail=f"ledger file: {self.path}: {err}",
+        )
+
     def write(self, entries: list[LedgerEntry]) -> None:
-        """Replace the ledger with ``entries`` atomically (temp file, fsync, os.replace)."""
+        """Replace the ledger with ``entries`` atomically (temp file, fsync, os.replace).
+
+        A failure leaves the previous ledger as it was and raises ``privacy-ledger-unwritable``.
+        """
+        try:
+            self._write(entries)
+        except OSError as e:
+            raise self._unwritable(e) from e
+
+    def _write(self, entries: list[LedgerEntry]) -> None:
         doc = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "site-id": self.site_id,
                "entries": [e.to_json() for e in entries]}
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -369,12 +369,23 @@ def test_ledger_writes_are_atomic(tmp_path: Path, monkeypatch) -> None:
     for target in ("os.replace", "json.dump"):
         with monkeypatch.context() as m:
             m.setattr(target, crash)
-            with pytest.raises(OSError, match="disk full"):
+            with pytest.raises(FedradError) as info:
                 _round(site, 1, 2)
+            assert info.value.code == "privacy-ledger-unwritable"
+            assert "disk full" in info.value.local_detail and str(tmp_path) not in str(info.value)
         assert path.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == [
             "privacy-ledger.json", "privacy-ledger.json.lock"]
     assert len(PrivacyLedger(path).entries()) == 1
+
+
+def test_an_unwritable_ledger_stops_the_release(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("x")
+    site = _Site(tmp_path, ledger=tmp_path / "not-a-folder" / "ledger.json")
+    with pytest.raises(FedradError) as info:
+        _round(site, 1, 1)
+    assert info.value.code == "privacy-ledger-unwritable"
+    assert "privacy-ledger=" in str(info.value) and str(tmp_path) not in str(info.value)
 
 
 def test_concurrent_runs_at_one_site_are_serialised(tmp_path: Path) -> None:
