@@ -165,15 +165,15 @@ def mask_vector(
     cts = list(ops.get("receive-cts", []))
     if len(senders) != len(cts):
         raise FedradError("bad-message", "the routed shares' columns differ in length")
+    total = float(ops.get("work-total-weight", float("nan")))
+    if client.params.weighted and (weight is None or not weight <= total):
+        raise FedradError(
+            "weight-above-bound",
+            f"this site's {weight} samples exceed the round's public bound {total:g}; "
+            "raise secagg-max-examples",
+        )
     client.receive_shares({s: bytes(c) for s, c in zip(senders, cts, strict=True)})
     if client.params.weighted:
-        total = float(ops["work-total-weight"])
-        if weight is None or not weight <= total:
-            raise FedradError(
-                "weight-above-bound",
-                f"this site's {weight} samples exceed the round's public bound {total:g}; "
-                "raise secagg-max-examples",
-            )
         masked = client.masked_input(vector, float(weight), total_weight=total)
     else:
         masked = client.masked_input(vector)

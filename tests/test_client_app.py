@@ -120,3 +120,44 @@ def test_missing_data_dir_says_how_to_fix(settings) -> None:
     config = {**settings.to_site_config(), "server-round": 1}
     with pytest.raises(Exception, match="--node-config"):
         app(_message("train", _initial(settings), config), _context({}))
+
+
+def test_secagg_query_keeps_secrets_in_the_node_state(settings) -> None:
+    from fedrad.client.secure_client import STATE_RECORD
+
+    app = make_client_app()
+    ctx = _context({"site-id": "site-a"})
+    metadata = Metadata(run_id=1, message_id="q1", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id="1", created_at=time.time(),
+                        ttl=600.0, message_type="query.secagg")
+    msg = Message(content=RecordDict({"secagg": ConfigRecord({"advertise": [4, 5]})}),
+                  metadata=metadata)
+    reply = app(msg, ctx)
+    assert not reply.has_error()
+    record = reply.content["secagg"]
+    assert record["advert-instances"] == [4, 5]
+    assert all(len(k) == 32 for k in record["advert-c-pk"] + record["advert-s-pk"])
+    assert set(ctx.state[STATE_RECORD].keys()) == {"4", "5"}  # private keys stay here
+    # a step the site holds no keys for is a clean, coded error
+    msg2 = Message(content=RecordDict({"secagg": ConfigRecord({"unmask-instance": 9})}),
+                   metadata=metadata)
+    with pytest.raises(Exception, match="secagg-no-state"):
+        app(msg2, ctx)
+
+
+def test_secure_training_refuses_a_weight_above_the_public_bound() -> None:
+    from fedrad.client.secure_client import handle_query, mask_vector
+    from fedrad.common.errors import FedradError
+
+    state = RecordDict()
+    reply = handle_query({"advertise": [1]}, state)
+    others = [(bytes([i]) * 32, bytes([i + 50]) * 32) for i in (1, 2)]  # any 32-byte keys
+    ops = {"share-instance": 1, "share-me": 1, "share-ids": [1, 2, 3],
+           "share-params": '{"threshold": 2, "round_id": 1, "clip": 8.0, "scale_bits": 20, '
+                           '"degree": null, "weighted": true}',
+           "share-c-pk": [reply["advert-c-pk"][0], others[0][0], others[1][0]],
+           "share-s-pk": [reply["advert-s-pk"][0], others[0][1], others[1][1]]}
+    handle_query(ops, state)
+    with pytest.raises(FedradError, match="weight-above-bound"):
+        mask_vector({"work-instance": 1, "receive-from": [], "receive-cts": [],
+                     "work-total-weight": 10.0}, state, np.zeros(3), weight=50)
