@@ -428,6 +428,8 @@ def test_ledger_text_and_cli(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["site", "privacy", str(tmp_path / "privacy-ledger.json")])
     assert result.exit_code == 0, result.output
     assert f"total: epsilon {total:.4g}" in result.output
+    result = CliRunner().invoke(app, ["site", "privacy", str(tmp_path), "--budget", "20"])
+    assert result.exit_code == 0 and f"left: {20.0 - total:.4g}" in result.output
     (tmp_path / "broken.json").write_text("{")
     result = CliRunner().invoke(app, ["site", "privacy", str(tmp_path / "broken.json")])
     assert result.exit_code == 2 and "privacy-ledger-corrupt" in result.output
