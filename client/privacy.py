@@ -393,7 +393,8 @@ def privatize_update(
     with ledger.locked():
         entries = ledger.entries()
         spend = _check(entries, settings, site, run, server_round)
-        assert spend is not None  # _check refuses DP-off rounds at a site with a budget
+        if spend is None:  # DP off (a site with a budget has refused in _check)
+            return dict(new_state), {}
         received = global_state() if callable(global_state) else global_state
         release = privatize_state(received, new_state, clip=settings.dp_clip,
                                   noise_multiplier=settings.dp_noise_multiplier)
