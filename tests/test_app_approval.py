@@ -85,6 +85,27 @@ def test_bad_approvals_and_lists_are_clear_errors(tmp_path: Path) -> None:
         run_site(["--superlink", "x:1", "--isolation", "subprocess"], allow)
 
 
+def test_site_approve_and_run_commands(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedrad.cli import app as fedrad_cli
+
+    fab = _build(_app_dir(tmp_path), tmp_path / "build")
+    allow = tmp_path / "approved-apps.json"
+    result = CliRunner().invoke(fedrad_cli, ["site", "approve", str(fab), "--approved",
+                                             str(allow), "--note", "IT change 12"])
+    assert result.exit_code == 0, result.output
+    digest = hashlib.sha256(fab.read_bytes()).hexdigest()
+    assert digest in result.output and "1 approved bundle(s)" in result.output
+    assert json.loads(allow.read_text())["approved"][0]["note"] == "IT change 12"
+    result = CliRunner().invoke(fedrad_cli, ["site", "approve", "nonsense", "--approved",
+                                             str(allow)])
+    assert result.exit_code == 2 and "neither a .fab file nor a SHA-256" in result.output
+    result = CliRunner().invoke(fedrad_cli, ["site", "run", "--approved", str(allow),
+                                             "--superlink", "x:1", "--port", "9999"])
+    assert result.exit_code == 2 and "remove --port" in result.output
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_site_runs_the_approved_bundle_and_refuses_a_changed_one(tmp_path: Path) -> None:
