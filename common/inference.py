@@ -320,7 +320,7 @@ class Predictor:
             try:
                 result = self.predict_file(path)
             except DicomError as err:
-                logger.warning("%s: %s", path, err)
+                logger.info("%s: %s", path, err)  # the Prediction carries it
                 result = Prediction(file=str(path), error_code=err.code,
                                     error_message=err.message)
             results.append(result)
