@@ -43,8 +43,12 @@ UIDs are remapped, the path appears only in the quarantine record's ``local_path
 ``local_detail``), which stay at the site.
 
 Resuming: per-file results are checkpointed in ``<cache>/.partial/`` keyed by the
-file's path, size, modification time and the settings; an interrupted run continues
-where it stopped and the folder is removed once the cache is written.
+file's path, its file signature (:func:`_file_signature`: size, modification and
+status-change times, inode) and the settings; an interrupted run continues where it
+stopped and the folder is removed once the cache is written.  A file is never read
+(nor hashed) to tell whether it changed: any write to it, a copy over it that keeps
+its modification time, or a replacement by another file changes the signature and
+the file is done again.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ from fedrad.common.cache import (
     write_quarantine,
 )
 from fedrad.common.config import Settings
-from fedrad.common.dicom import DicomError, decode_dicom
+from fedrad.common.dicom import DecodedImage, DicomError, decode_dicom, read_dicom
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
 from fedrad.common.transforms import build_preprocess
 
@@ -412,6 +416,13 @@ def _read_uid(path: Path) -> str | None:
     return str(uid).strip() if uid else None
 
 
+def _file_signature(st: os.stat_result) -> str:
+    """What tells a changed file from an unchanged one without reading it: size,
+    modification time, status-change time (set by every write, and by a copy or
+    restore that puts the old modification time back) and inode (a replacement)."""
+    return f"{st.st_size}\x00{st.st_mtime_ns}\x00{st.st_ctime_ns}\x00{st.st_ino}"
+
+
 def _inputs_fingerprint(root: Path, files: Sequence[str], skipped: Sequence[str],
                         labels_csv: Path, site: str) -> str:
     digest = hashlib.sha256()
@@ -419,7 +430,7 @@ def _inputs_fingerprint(root: Path, files: Sequence[str], skipped: Sequence[str]
     digest.update(hashlib.sha256(labels_csv.read_bytes()).digest())
     for rel in files:
         st = (root / rel).stat()
-        digest.update(f"{rel}\x00{st.st_size}\x00{st.st_mtime_ns}\n".encode())
+        digest.update(f"{rel}\x00{_file_signature(st)}\n".encode())
     for rel in skipped:
         digest.update(f"{rel}\x00skipped\n".encode())
     return digest.hexdigest()[:16]
@@ -488,6 +499,36 @@ def _process_one(job: tuple[str, PrepareOptions, bytes]) -> _Result:
 
 
 def _process_file(path: Path, options: PrepareOptions, secret: bytes) -> _Result:
+    """One file, its header parsed once: policy checks on the header as read, decoding
+    from that same dataset, then de-identification of it.
+
+    The checks read Modality, Rows, Columns and BurnedInAnnotation, which the Basic
+    Profile leaves as they are, so they see what they would see after
+    de-identification.  Files without a Part 10 preamble, or whose header cannot be
+    read, take :func:`_process_file_two_reads` (the reasons and their order stay the
+    same).
+    """
+    try:
+        ds = read_dicom(path)
+    except DicomError:
+        ds = None
+    if ds is None or getattr(ds, "preamble", None) is None:
+        return _process_file_two_reads(path, options, secret)
+    if "Rows" in ds:  # an image: check the policy before decoding
+        problem = _validate(describe(ds, subgroups=options.subgroup_fields), ds, options)
+        if problem is not None:
+            return ("error", *problem)
+    try:
+        decoded = decode_dicom(path, frame_policy=options.frame_policy,
+                               voi_policy=options.voi_policy, max_pixels=options.max_pixels,
+                               allow_affine=True, dataset=ds)
+    except DicomError as e:
+        return ("error", e.code, e.message, e.local_detail)
+    deidentify(ds, secret, retain_patient_characteristics=options.subgroup_fields)
+    return _finish(path, ds, decoded, options, secret)
+
+
+def _process_file_two_reads(path: Path, options: PrepareOptions, secret: bytes) -> _Result:
     header = _read_header(path)
     if header is not None:
         deidentify(header, secret, retain_patient_characteristics=options.subgroup_fields)
@@ -507,6 +548,12 @@ def _process_file(path: Path, options: PrepareOptions, secret: bytes) -> _Result
         if header is not None:
             deidentify(header, secret,
                        retain_patient_characteristics=options.subgroup_fields)
+    return _finish(path, header, decoded, options, secret)
+
+
+def _finish(path: Path, header: Any, decoded: DecodedImage, options: PrepareOptions,
+            secret: bytes) -> _Result:
+    """Validate the decoded image's fields and preprocess it (``header`` de-identified)."""
     fields = describe(header, subgroups=options.subgroup_fields) if header is not None \
         else describe({}, subgroups=options.subgroup_fields)
     fields.update(modality=decoded.modality or fields["modality"],
@@ -637,7 +684,7 @@ class _Checkpoint:
 
     def key(self, path: Path) -> str:
         st = path.stat()
-        text = f"{self.settings_fp}\x00{path}\x00{st.st_size}\x00{st.st_mtime_ns}"
+        text = f"{self.settings_fp}\x00{path}\x00{_file_signature(st)}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def load(self, key: str) -> _Result | None:
@@ -888,7 +935,7 @@ def prepare_site(
         Labels CSV (see the module docstring).
     out_dir:
         Cache folder; see :mod:`fedrad.common.cache`.  When it already holds a cache made
-        from the same inputs (relative paths, sizes, modification times, labels file)
+        from the same inputs (relative paths, file signatures, labels file)
         and the same settings, it is reused as is.  An interrupted run resumes from
         ``<out_dir>/.partial/``.
     settings:

@@ -49,6 +49,7 @@ __all__ = [
     "VOI_POLICIES",
     "decode_dicom",
     "decode_pixel_array",
+    "read_dicom",
 ]
 
 logger = logging.getLogger(__name__)
@@ -566,6 +567,7 @@ def decode_dicom(
     voi_policy: str = "auto",
     max_pixels: int = 64_000_000,
     allow_affine: bool = False,
+    dataset: Any = None,
 ) -> DecodedImage:
     """Decode one frame of a DICOM file into a 2-D ``float32`` greyscale image.
 
@@ -586,6 +588,9 @@ def decode_dicom(
         Return the stored values and ``DecodedImage.affine`` instead of the grey image
         when the grey values are exactly the stored values times a power of two (see
         :class:`DecodedImage`); otherwise (and by default) the grey image.
+    dataset:
+        The file's dataset as :func:`read_dicom` returned it, to decode without
+        reading the header again (its values are left as they are).
 
     Returns
     -------
@@ -604,7 +609,22 @@ def decode_dicom(
     if voi_policy not in VOI_POLICIES:
         raise ValueError(f"voi_policy must be one of {VOI_POLICIES}, got {voi_policy!r}")
     return _run_logging_warnings(_decode, Path(path), frame_policy, voi_policy, max_pixels,
-                                 allow_affine)
+                                 allow_affine, dataset)
+
+
+def read_dicom(path: str | os.PathLike[str]) -> Any:
+    """Read the dataset of a DICOM file (values over 64 KiB, pixel data included, are
+    read only when used), as :func:`decode_dicom` does.
+
+    A file without the Part 10 preamble is accepted when it holds DICOM elements; its
+    dataset's ``preamble`` is then None.
+
+    Raises
+    ------
+    DicomError
+        As :func:`decode_dicom` does for a file it cannot read.
+    """
+    return _run_logging_warnings(_read_dataset, Path(path))
 
 
 def _stored_affine(raw: np.ndarray | None, arr: np.ndarray | None, table: np.ndarray | None,
@@ -636,8 +656,8 @@ def _stored_affine(raw: np.ndarray | None, arr: np.ndarray | None, table: np.nda
 
 
 def _decode(path: Path, frame_policy: str, voi_policy: str, max_pixels: int,
-            allow_affine: bool = False) -> DecodedImage:
-    ds = _read_dataset(path)
+            allow_affine: bool = False, dataset: Any = None) -> DecodedImage:
+    ds = _read_dataset(path) if dataset is None else dataset
     layout = _check_layout(ds, path, max_pixels)
     frame = _frame_index(layout.frames, frame_policy)
     raw = _native_grey_frame(ds, layout, path, frame if layout.frames > 1 else None)

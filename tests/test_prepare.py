@@ -486,3 +486,87 @@ def test_a_file_over_the_time_limit_is_stopped() -> None:
     assert sorted(results) == [0, 1, 2, 3, 4]
     assert results[1][:2] == ("error", "timeout")
     assert all(results[i] is None for i in (0, 2, 3, 4))  # the others still ran
+
+
+def _rewrite_keeping_size_and_mtime(path: Path) -> None:
+    """Turn the image of an uncompressed 16-bit file by 180 degrees in place: same size,
+    same inode, and the old modification time put back (as ``cp -p`` would)."""
+    import pydicom
+
+    st = path.stat()
+    element = pydicom.dcmread(path, defer_size=256).get_item("PixelData", keep_deferred=True)
+    start, length = element.value_tell, element.length
+    data = bytearray(path.read_bytes())
+    data[start:start + length] = np.frombuffer(bytes(data[start:start + length]),
+                                               "<u2")[::-1].tobytes()
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns,
+                                                                 st.st_ino)
+
+
+def _cached_image(out: Path, rel: str, secret: str) -> np.ndarray:
+    from fedrad.client.deid import secret_id
+
+    cache = load_cache(out)
+    index = [r["id"] for r in cache.meta["records"]].index(secret_id(rel, secret.encode()))
+    return np.array(cache.images[index])
+
+
+@needs_corpus
+def test_a_file_rewritten_with_its_old_mtime_is_prepared_again(tmp_path: Path) -> None:
+    site, labels = _make_site(tmp_path)
+    out = tmp_path / "cache"
+    prepare_site(site, labels, out, SETTINGS, site_secret="s3cret")
+    before = _cached_image(out, "mr/MR_small.dcm", "s3cret")
+    assert prepare_site(site, labels, out, SETTINGS, site_secret="s3cret").reused
+    _rewrite_keeping_size_and_mtime(site / "mr" / "MR_small.dcm")
+    again = prepare_site(site, labels, out, SETTINGS, site_secret="s3cret")
+    assert not again.reused
+    after = _cached_image(out, "mr/MR_small.dcm", "s3cret")
+    assert not np.array_equal(before, after)
+    fresh = prepare_site(site, labels, tmp_path / "fresh", SETTINGS, site_secret="s3cret")
+    assert (again.accepted, again.reasons) == (fresh.accepted, fresh.reasons)
+    assert np.array_equal(after, _cached_image(tmp_path / "fresh", "mr/MR_small.dcm",
+                                               "s3cret"))
+
+
+@needs_corpus
+def test_resume_redoes_a_file_changed_since_its_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedrad.client import prepare as prepare_module
+
+    site, labels = _make_site(tmp_path)
+    out = tmp_path / "resumed"
+    real = prepare_module._process_one
+    calls: list[str] = []
+
+    def interrupt_after_three(job: tuple) -> tuple:
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(Path(job[0]).relative_to(site).as_posix())
+        return real(job)
+
+    monkeypatch.setattr(prepare_module, "_process_one", interrupt_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_site(site, labels, out, SETTINGS, site_secret="s3cret")
+    done = list(calls)
+    assert "ct/CT_small.dcm" in done
+    _rewrite_keeping_size_and_mtime(site / "ct" / "CT_small.dcm")
+
+    def counting(job: tuple) -> tuple:
+        calls.append(Path(job[0]).relative_to(site).as_posix())
+        return real(job)
+
+    calls.clear()
+    monkeypatch.setattr(prepare_module, "_process_one", counting)
+    resumed = prepare_site(site, labels, out, SETTINGS, site_secret="s3cret")
+    assert resumed.resumed == 2 and "ct/CT_small.dcm" in calls
+    assert not set(calls) & (set(done) - {"ct/CT_small.dcm"})  # the others are not redone
+    monkeypatch.undo()
+    fresh = prepare_site(site, labels, tmp_path / "fresh", SETTINGS, site_secret="s3cret")
+    assert (resumed.accepted, resumed.reasons) == (fresh.accepted, fresh.reasons)
+    for name in (IMAGES_FILE, LABELS_FILE):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
