@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def _build(app: Path, out: Path, env: dict | None = None) -> Path:
     assert result.returncode == 0, result.stdout + result.stderr
     (fab,) = out.glob("*.fab")
     return fab
+
+
+def _sent_ids(fed: LoopbackFederation) -> list[str]:
+    """The ids of the replies the site's SuperNode says it sent."""
+    return re.findall(r"Sending: \w+ message \(ID: ([0-9a-f]{64})\)",
+                      (fed.logs / "site.log").read_text())
 
 
 def test_approve_a_bundle_file_and_a_hash(tmp_path: Path) -> None:
@@ -176,6 +183,13 @@ def test_site_runs_the_approved_bundle_and_refuses_a_changed_one(tmp_path: Path)
         assert refused and all(e["kind"] == "error" for e in refused)
         assert "app-not-approved" in refused[0]["error"]
         assert changed_hash in refused[0]["error"]
+        # Every message the SuperNode sent is in the egress log under the same SHA-256 id
+        # (the refusal is logged before the SuperNode sends it: wait for that line).
+        logged = sorted(e["message-id"] for e in entries)
+        deadline = time.monotonic() + 120
+        while sorted(_sent_ids(fed)) != logged:
+            assert time.monotonic() < deadline, fed.diagnostics(f"sent {_sent_ids(fed)}")
+            time.sleep(1)
         installed = [p.name for p in (site_home / "apps").iterdir()]
         assert any(approved_hash[:8] in name for name in installed), installed
         assert not any(changed_hash[:8] in name for name in installed), installed
