@@ -6,7 +6,8 @@ verifies signatures that Flower Hub issues for Hub apps (a run of a local bundle
 signature and is refused outright), so fedrad adds its own check, outside the bundle:
 
 - ``fedrad site approve <fab-file-or-sha256>`` adds the bundle's SHA-256 to the site's
-  allow-list (``approved-apps.json``);
+  allow-list (``approved-apps.json``), ``--revoke <sha256>`` removes one, ``--list`` shows
+  them; the list is read afresh for every task, so a change needs no restart;
 - ``fedrad site run`` starts ``flower-supernode --isolation process`` and a SuperExec whose
   ClientApp command is ``fedrad-clientapp`` (this module's :func:`clientapp_main`) instead
   of Flower's ``flwr-clientapp``; a random SuperExec secret stops any other local process
@@ -44,6 +45,7 @@ __all__ = [
     "AppNotApprovedError",
     "load_approved",
     "approve",
+    "revoke",
     "check_bundle",
     "clientapp_main",
     "superexec_main",
@@ -135,13 +137,32 @@ def approve(path: Path, fab_or_hash: str, *, note: str = "") -> ApprovedApp:
                         datetime.now(timezone.utc).isoformat(timespec="seconds"), note)
     apps = load_approved(path)
     apps[digest] = entry
+    _write_approved(path, apps)
+    return entry
+
+
+def revoke(path: Path, sha256: str) -> ApprovedApp:
+    """Remove a bundle from the allow-list; the next task of a run using it is refused."""
+    digest = sha256.lower()
+    apps = load_approved(path)
+    if digest not in apps:
+        raise FedradError(
+            "not-approved",
+            f"{sha256} is not in the site's approved bundles; 'fedrad site approve --list' "
+            "shows the approved ones",
+        )
+    entry = apps.pop(digest)
+    _write_approved(path, apps)
+    return entry
+
+
+def _write_approved(path: Path, apps: dict[str, ApprovedApp]) -> None:
     body = json.dumps({"approved": [a.to_dict() for a in apps.values()]}, indent=2) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".approved-")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(body)
     os.replace(tmp, path)
-    return entry
 
 
 def check_bundle(content: bytes, claimed_hash: str, approved: dict[str, ApprovedApp]) -> str:

@@ -223,22 +223,37 @@ ApprovedFile = Annotated[Path, typer.Option(
 
 @site_app.command("approve")
 def approve_app(
-    bundle: Annotated[str, typer.Argument(
-        help="The app bundle (.fab file from 'flwr build') or its SHA-256.")],
+    bundle: Annotated[str | None, typer.Argument(
+        help="The app bundle (.fab file from 'flwr build') or its SHA-256.")] = None,
     approved: ApprovedFile = Path("approved-apps.json"),
     note: Annotated[str, typer.Option("--note", help="Why / by whom it was approved.")] = "",
+    revoke_hash: Annotated[str | None, typer.Option(
+        "--revoke", help="Remove this SHA-256 from the approved bundles instead.")] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="Only list the approved bundles.")]
+    = False,
 ) -> None:
     """Approve an app bundle: 'fedrad site run' runs only bundles approved here."""
-    from .approval import approve, load_approved
+    from .approval import approve, load_approved, revoke
 
     try:
-        entry = approve(approved, bundle, note=note)
+        if revoke_hash is not None:
+            gone = revoke(approved, revoke_hash)
+            console.print(f"revoked sha256 {gone.sha256}")
+        elif bundle is not None:
+            entry = approve(approved, bundle, note=note)
+            what = f"{entry.fab_id} {entry.version}".strip() or "bundle"
+            console.print(f"approved {what} sha256 {entry.sha256}")
+        elif not list_only:
+            console.print("[red]error:[/red] name a .fab file or a SHA-256 to approve, or use "
+                          "--revoke <sha256> or --list")
+            raise typer.Exit(code=2)
         apps = load_approved(approved)
     except FedradError as err:
         raise _fail(err) from None
-    what = f"{entry.fab_id} {entry.version}".strip() or "bundle"
-    console.print(f"approved {what} sha256 {entry.sha256}")
     console.print(f"{len(apps)} approved bundle(s) in {approved}")
+    for app in apps.values():
+        console.print(f"  {app.sha256}  {app.fab_id} {app.version}  {app.approved_at}  "
+                      f"{app.note}")
 
 
 @site_app.command("run", context_settings={"allow_extra_args": True,

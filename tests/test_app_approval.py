@@ -105,6 +105,16 @@ def test_site_approve_and_run_commands(tmp_path: Path) -> None:
     digest = hashlib.sha256(fab.read_bytes()).hexdigest()
     assert digest in result.output and "1 approved bundle(s)" in result.output
     assert json.loads(allow.read_text())["approved"][0]["note"] == "IT change 12"
+    result = CliRunner().invoke(fedrad_cli, ["site", "approve", "--list", "--approved",
+                                             str(allow)])
+    assert result.exit_code == 0 and digest in result.output and "IT change 12" in result.output
+    result = CliRunner().invoke(fedrad_cli, ["site", "approve", "--revoke", digest,
+                                             "--approved", str(allow)])
+    assert result.exit_code == 0 and "0 approved bundle(s)" in result.output
+    assert load_approved(allow) == {}
+    result = CliRunner().invoke(fedrad_cli, ["site", "approve", "--revoke", digest,
+                                             "--approved", str(allow)])
+    assert result.exit_code == 2 and "[not-approved]" in result.output
     result = CliRunner().invoke(fedrad_cli, ["site", "approve", "nonsense", "--approved",
                                              str(allow)])
     assert result.exit_code == 2 and "neither a .fab file nor a SHA-256" in result.output
