@@ -290,6 +290,13 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
             f"fedrad site run sets {', '.join(_RESERVED)} itself; remove {', '.join(reserved)} "
             "from the flower-supernode arguments (use --runtime-port to move the local port)",
         )
+    if "--allow-runtime-dependency-installation" in supernode_args:
+        raise FedradError(
+            "bad-site-run",
+            "fedrad site run does not allow runtime dependency installation: it would install "
+            "whatever packages a bundle names, from a package index, outside the approved "
+            "bundle's hash; install fedrad's dependencies at the site instead",
+        )
     approved_path = approved_path.expanduser().resolve()
     approved = load_approved(approved_path)
     if approved:

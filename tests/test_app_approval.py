@@ -90,6 +90,8 @@ def test_bad_approvals_and_lists_are_clear_errors(tmp_path: Path) -> None:
     assert str(tmp_path) not in str(info.value)  # the path stays in local_detail
     with pytest.raises(FedradError, match="sets --isolation"):
         run_site(["--superlink", "x:1", "--isolation", "subprocess"], allow)
+    with pytest.raises(FedradError, match="outside the approved bundle's hash"):
+        run_site(["--superlink", "x:1", "--allow-runtime-dependency-installation"], allow)
 
 
 def test_site_approve_and_run_commands(tmp_path: Path) -> None:
