@@ -202,6 +202,11 @@ def test_site_runs_the_approved_bundle_and_refuses_a_changed_one(tmp_path: Path)
         while sorted(_sent_ids(fed)) != logged:
             assert time.monotonic() < deadline, fed.diagnostics(f"sent {_sent_ids(fed)}")
             time.sleep(1)
+        # Nothing the coordinator received or printed names the site's folders.
+        coordinator_text = output + (fed.logs / "superlink.log").read_text()
+        for local in (str(cache), str(allow.parent), str(site_home)):
+            assert local not in coordinator_text
+            assert local not in egress.read_text()
         installed = [p.name for p in (site_home / "apps").iterdir()]
         assert any(approved_hash[:8] in name for name in installed), installed
         assert not any(changed_hash[:8] in name for name in installed), installed
