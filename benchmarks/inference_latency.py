@@ -21,6 +21,7 @@ Usage (fedrad importable: ``pip install -e .``)::
     python benchmarks/inference_latency.py                          # CPU, and CUDA if present
     python benchmarks/inference_latency.py --device cpu --models resnet18 --repeats 5
     python benchmarks/inference_latency.py --dicom-size 2048 --out runs/latency.json
+    python benchmarks/inference_latency.py --device cpu --threads 1   # a busy shared CPU
 
 Reference points: the paper reports 45-70 ms per image; a bare ResNet-18 forward at batch 1
 takes ~2 ms on an H200.
@@ -134,11 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=4, help="DICOM files per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds over the files")
     parser.add_argument("--no-heatmaps", action="store_true", help="leave the heatmap out")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice); on a "
+                        "shared machine 1 avoids threads spinning against other processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.files < 1 or args.repeats < 1:
         parser.error("--files and --repeats must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in list_models()]
     if unknown:
