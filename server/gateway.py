@@ -26,7 +26,7 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-__all__ = ["FLEET_PREFIX", "create_gateway", "main"]
+__all__ = ["FLEET_PREFIX", "DEFAULT_MAX_BODY", "create_gateway", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,17 @@ def _upstream_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=str(ca_cert))
 
 
-def create_gateway(superlink: str, *, ca_cert: Path | None = None, timeout: float = 600.0):
+DEFAULT_MAX_BODY = 64 * 2**20  # Flower pushes arrays in chunks of 5 MiB
+
+
+def create_gateway(superlink: str, *, ca_cert: Path | None = None, timeout: float = 600.0,
+                   max_body: int = DEFAULT_MAX_BODY, transport=None):
     """An ASGI app that forwards Fleet API requests to ``superlink`` and refuses the rest.
 
     ``superlink`` is the SuperLink's loopback URL (``https://127.0.0.1:9093``); ``ca_cert``
     is the study CA that its certificate chains to (``None`` for a plain-HTTP upstream).
+    ``transport`` replaces the network transport to the SuperLink (an ``httpx`` transport,
+    e.g. a Unix socket's).
     """
     import httpx
     from starlette.applications import Starlette
@@ -57,7 +63,7 @@ def create_gateway(superlink: str, *, ca_cert: Path | None = None, timeout: floa
     from starlette.routing import Route
 
     client = httpx.AsyncClient(base_url=superlink, verify=_upstream_verify(ca_cert),
-                               timeout=timeout)
+                               timeout=timeout, transport=transport)
 
     async def forward(request: Request) -> Response:
         path = request.url.path
@@ -66,11 +72,19 @@ def create_gateway(superlink: str, *, ca_cert: Path | None = None, timeout: floa
             log.warning("refused %s %s from %s: not a Fleet API path", request.method, path,
                         peer)
             return PlainTextResponse(REFUSAL, status_code=403)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                log.warning("refused %s %s from %s: body over %d bytes", request.method, path,
+                            peer, max_body)
+                return PlainTextResponse("fedrad gateway: request body too large",
+                                         status_code=413)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
         try:
             upstream = await client.request(
                 request.method, path, params=request.url.query or None,
-                content=await request.body(), headers=headers)
+                content=bytes(body), headers=headers)
         except httpx.HTTPError as err:
             log.error("the SuperLink at %s did not answer %s: %s", superlink, path, err)
             return PlainTextResponse("fedrad gateway: the SuperLink is not reachable",
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ca-cert", type=Path, help="study CA (verifies the SuperLink)")
     parser.add_argument("--certfile", type=Path, help="TLS certificate shown to the sites")
     parser.add_argument("--keyfile", type=Path, help="its private key")
+    parser.add_argument("--max-body-mib", type=int, default=DEFAULT_MAX_BODY // 2**20,
+                        help="largest request body forwarded (MiB)")
     parser.add_argument("--insecure", action="store_true",
                         help="serve the sites without TLS (tests on loopback only)")
     args = parser.parse_args(argv)
@@ -121,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="fedrad gateway %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per forwarded poll
     log.info("serving the Fleet API on %s:%d, forwarding to %s", host, port, args.superlink)
-    uvicorn.run(create_gateway(args.superlink, ca_cert=args.ca_cert), host=host, port=port,
+    gateway = create_gateway(args.superlink, ca_cert=args.ca_cert,
+                             max_body=args.max_body_mib * 2**20)
+    uvicorn.run(gateway, host=host, port=port,
                 ssl_certfile=None if args.insecure else str(args.certfile),
                 ssl_keyfile=None if args.insecure else str(args.keyfile),
                 log_level="warning")
