@@ -39,9 +39,11 @@ __all__ = [
     "ATTENTION_MODELS",
     "heatmap_method",
     "grad_cam",
+    "GradCam",
     "attention_maps",
     "attention_rollout",
     "rollout",
+    "rollout_maps",
     "compute_heatmaps",
     "colorize",
     "overlay_png",
@@ -158,40 +160,86 @@ def grad_cam(
         forward pass's ``[B, C]`` logits (detached).
     """
     _check_input(x)
-    if isinstance(layer, str):
-        modules = dict(model.named_modules())
-        if layer not in modules:
-            raise ConfigError(f"the model has no layer {layer!r} to explain with Grad-CAM")
-        module = modules[layer]
-    else:
-        module = layer
-    captured: list[torch.Tensor] = []
+    cam = GradCam(model, layer)
+    with _ModeGuard(model):
+        logits = cam.forward(x)
+        maps = cam.maps(target)
+    return maps, logits.detach()
 
-    def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
-        captured.append(out)
-        # A clone, so that an in-place op after the layer (DenseNet's functional ReLU)
-        # cannot overwrite the activations Grad-CAM weighs.
-        return out.clone()
 
-    handle = module.register_forward_hook(hook)
-    try:
-        with _ModeGuard(model):
-            logits = model(x.detach().float())
-            if not captured or captured[-1].ndim != 4:
-                raise ConfigError(
-                    f"Grad-CAM needs a layer with [B, K, h, w] output; {layer!r} gave "
-                    f"{tuple(captured[-1].shape) if captured else 'nothing'}"
-                )
-            acts = captured[-1]
-            cls = _targets(logits, target)
-            score = logits.gather(1, cls[:, None]).sum()
-            (grads,) = torch.autograd.grad(score, acts)
-    finally:
-        handle.remove()
-    weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * acts.detach()).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return _normalise(cam[:, 0]), logits.detach()
+class GradCam:
+    """Grad-CAM in two steps, so one forward pass serves both prediction and explanation.
+
+    :meth:`forward` runs the model with gradients recorded and keeps the explained layer's
+    activations; :meth:`maps` then backpropagates the class score to them.  Call
+    :meth:`forward` with the model in evaluation mode and gradients enabled (as
+    :func:`grad_cam` does); parameters never receive gradients.
+
+    Parameters
+    ----------
+    model:
+        A CNN classifier returning logits ``[B, C]``.
+    layer:
+        The explained layer: a module or its dotted name (see :data:`CAM_LAYERS`).
+    """
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module) -> None:
+        if isinstance(layer, str):
+            modules = dict(model.named_modules())
+            if layer not in modules:
+                raise ConfigError(f"the model has no layer {layer!r} to explain with Grad-CAM")
+            self.module = modules[layer]
+        else:
+            self.module = layer
+        self.model = model
+        self.layer_name = layer if isinstance(layer, str) else type(layer).__name__
+        self._acts: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self._size: tuple[int, int] = (0, 0)
+
+    def forward(self, x: torch.Tensor, *, amp: bool = False) -> torch.Tensor:
+        """Logits ``[B, C]`` of ``x`` (with the graph kept for :meth:`maps`).
+
+        ``amp``: bf16 autocast (CUDA); the maps are then computed from bf16 activations.
+        """
+        _check_input(x)
+        captured: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+            captured.append(out)
+            # A clone, so that an in-place op after the layer (DenseNet's functional ReLU)
+            # cannot overwrite the activations Grad-CAM weighs.
+            return out.clone()
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                                enabled=amp):
+                logits = self.model(x.detach().float())
+        finally:
+            handle.remove()
+        if not captured or captured[-1].ndim != 4:
+            raise ConfigError(
+                f"Grad-CAM needs a layer with [B, K, h, w] output; {self.layer_name!r} gave "
+                f"{tuple(captured[-1].shape) if captured else 'nothing'}"
+            )
+        self._acts, self._logits = captured[-1], logits
+        self._size = (int(x.shape[-2]), int(x.shape[-1]))
+        return logits
+
+    def maps(self, target: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``[B, H, W]`` maps in [0, 1] for ``target`` (default: predicted class)."""
+        if self._acts is None or self._logits is None:
+            raise ConfigError("GradCam.maps() needs a forward() first")
+        acts, logits = self._acts, self._logits
+        self._acts = self._logits = None  # one explanation per forward pass
+        cls = _targets(logits.detach(), target)
+        score = logits.float().gather(1, cls[:, None]).sum()
+        (grads,) = torch.autograd.grad(score, acts)
+        weights = grads.float().mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * acts.detach().float()).sum(dim=1, keepdim=True))
+        cam = F.interpolate(cam, size=self._size, mode="bilinear", align_corners=False)
+        return _normalise(cam[:, 0])
 
 
 def _vit_layers(model: nn.Module) -> list[nn.Module]:
@@ -288,14 +336,20 @@ def attention_rollout(
         float32 ``[B, H, W]`` in [0, 1] on ``x``'s device, and the ``[B, C]`` logits.
     """
     attentions, logits = attention_maps(model, x)
+    return rollout_maps(attentions, tuple(x.shape[-2:]), residual=residual), logits
+
+
+def rollout_maps(attentions: Sequence[torch.Tensor], size: tuple[int, int], *,
+                 residual: float = 0.5) -> torch.Tensor:
+    """The class token's rollout over the patch grid, upsampled to ``size``: ``[B, H, W]``."""
     flow = rollout(attentions, residual=residual)[:, 0, 1:]  # class token <- patches
     patches = flow.shape[-1]
     grid = int(round(patches**0.5))
     if grid * grid != patches:
         raise FedradError("bad-grid", f"{patches} patch tokens do not form a square grid")
-    maps = flow.reshape(-1, 1, grid, grid)
-    maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return _normalise(maps[:, 0]), logits
+    maps = flow.reshape(-1, 1, grid, grid).float()
+    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return _normalise(maps[:, 0])
 
 
 def compute_heatmaps(

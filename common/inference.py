@@ -9,7 +9,10 @@ what the federation trained.
 (:func:`~fedrad.common.dicom.decode_dicom` -> :func:`~fedrad.common.transforms.build_preprocess`
 -> uint8 quantisation -> :func:`~fedrad.common.training.normalize_batch`), then the model
 (bf16 autocast and channels-last on CUDA, as in evaluation) and a heatmap
-(:mod:`fedrad.common.heatmaps`), timing each stage.  A file that cannot be decoded gives a
+(:mod:`fedrad.common.heatmaps`), timing each stage.  With heatmaps on, one forward pass
+serves both: the *model* stage is the forward pass that also records what the heatmap needs
+(the explained layer's activations and the autograd graph for Grad-CAM, the attention
+weights for the transformer), the *heatmap* stage the backward pass or the rollout.  A file that cannot be decoded gives a
 :class:`Prediction` carrying its :class:`~fedrad.common.dicom.DicomError` reason code; the
 other files carry on.
 
@@ -38,7 +41,14 @@ from .cache import to_uint8
 from .config import Settings, load_settings
 from .dicom import DicomError, decode_dicom
 from .errors import ConfigError, FedradError
-from .heatmaps import compute_heatmaps, heatmap_method
+from .heatmaps import (
+    CAM_LAYERS,
+    GradCam,
+    attention_maps,
+    compute_heatmaps,
+    heatmap_method,
+    rollout_maps,
+)
 from .metrics import OutcomeCounts, count_outcomes, pooled_metrics
 from .models import model_from_settings
 from .training import normalize_batch, predict_scores, select_device
@@ -241,8 +251,9 @@ class Predictor:
     ) -> None:
         self.loaded = loaded
         self.heatmaps = heatmaps
-        if heatmaps:
-            heatmap_method(loaded.name)  # fail now for a model without a method
+        self.method = heatmap_method(loaded.name) if heatmaps else ""
+        self._cam = GradCam(loaded.model, CAM_LAYERS[loaded.name]) \
+            if self.method == "gradcam" else None
         self.frame_policy = frame_policy
         self.voi_policy = voi_policy
         self.max_pixels = max_pixels
@@ -288,20 +299,40 @@ class Predictor:
         DicomError
             When the file cannot be decoded.
         """
-        device = self.loaded.device
+        lm = self.loaded
         total_start = time.perf_counter()
         image, t_decode, t_pre = self.load_image(path)
-        _sync(device)
+        _sync(lm.device)
         start = time.perf_counter()
         x = self.input_batch(image[None])
-        probs = self.forward(x)[0].to("cpu", torch.float64).numpy()  # .to() waits for the GPU
+        explain: Callable[[int], torch.Tensor] | None = None
+        if self._cam is not None:
+            # One forward pass for both: it records what Grad-CAM needs to go backwards.
+            cam = self._cam
+            with torch.enable_grad():
+                logits = cam.forward(x, amp=lm.amp)
+            explain = cam.maps
+        elif self.heatmaps:
+            with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16,
+                                enabled=lm.amp):
+                attentions, logits = attention_maps(lm.model, x)
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+
+            def explain(_target: int) -> torch.Tensor:
+                return rollout_maps(attentions, size)
+        else:
+            with torch.inference_mode(), torch.autocast(
+                    device_type=lm.device.type, dtype=torch.bfloat16, enabled=lm.amp):
+                logits = lm.model(x)
+        probs = torch.softmax(logits.detach().float(), dim=1)[0]
+        probs = probs.to("cpu", torch.float64).numpy()  # .to() waits for the GPU
         t_model = time.perf_counter() - start
         predicted = int(np.argmax(probs))
         heat = None
         timings = {"decode": t_decode, "preprocess": t_pre, "model": t_model}
-        if self.heatmaps:
+        if explain is not None:
             start = time.perf_counter()
-            heat = self.heatmap(x, predicted)[0].cpu().numpy()
+            heat = explain(predicted)[0].cpu().numpy()
             timings["heatmap"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - total_start
         return Prediction(file=str(path), probabilities=probs, predicted=predicted,

@@ -281,3 +281,21 @@ def test_predict_on_cuda_matches_the_cpu(checkpoint, site):
         # bf16 autocast on CUDA: probabilities agree to bf16 precision.
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=0.05)
         assert set(b.timings_ms) == {*STAGES, "total"}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_predicts_one_pass_heatmap_equals_the_separate_computation(name, site, tmp_path):
+    torch.manual_seed(1)
+    settings = _settings(name)
+    model = model_from_settings(settings)
+    head = model.heads.head if name == "vit_tiny" else model.fc
+    torch.nn.init.normal_(head.weight, std=1.0 / head.in_features)
+    save_checkpoint(tmp_path, 1, model.state_dict(), settings.to_run_config())
+    predictor = Predictor(load_checkpoint_model(tmp_path / "model-latest.pt", device="cpu"))
+    result = predictor.predict_file(_good(site)[1])
+    x = predictor.input_batch(result.image[None])
+    separate = predictor.heatmap(x, result.predicted)[0].numpy()
+    np.testing.assert_allclose(result.heatmap, separate, atol=1e-5)
+    np.testing.assert_allclose(result.probabilities,
+                               predictor.forward(x)[0].double().numpy(), atol=1e-6)
+    assert result.heatmap.max() == pytest.approx(1.0)
