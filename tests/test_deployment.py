@@ -2,13 +2,16 @@
 
 Each SuperNode points at its own site cache with ``--node-config``; the run must come
 back with pooled metrics for both rounds, and every process started here is stopped.
-The second test runs the same federation with TLS (certificates from ``fedrad certs``)
-and SuperNode authentication, and shows that a SuperNode with an unregistered key or
-one trusting another CA is refused.
+The first runs plain FedAvg (``secure-aggregation=false``, per-site rows).  The second
+runs the same federation with TLS (certificates from ``fedrad certs``), SuperNode
+authentication and secure aggregation on (pooled rows only), shows that a SuperNode with an
+unregistered key or one trusting another CA is refused, and compares its round-1 model and
+pooled metrics with the first run's (same caches, same seed): equal within quantisation.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -135,12 +138,16 @@ class LoopbackFederation:
                 proc.wait(timeout=10)
 
 
-def _run_and_check(fed: LoopbackFederation, out_dir: Path) -> dict:
+def _run_and_check(fed: LoopbackFederation, out_dir: Path, *, secure: bool) -> dict:
     run_config = (
         f'num-server-rounds={ROUNDS} image-size=32 model="resnet18" local-epochs=1 '
-        f'min-sites=3 out-dir="{out_dir}" class-names="normal,opacity"'
+        f'min-sites=3 out-dir="{out_dir}" class-names="normal,opacity" '
+        f'secure-aggregation={"true" if secure else "false"}'
     )
-    result = fed.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", run_config)
+    # secure aggregation costs 4 x rounds + 4 message round trips instead of 2 x rounds, and
+    # each spawns a ClientApp process per site (~3 s alone, far more on a loaded machine)
+    result = fed.flwr("run", str(ROOT), "loopback", "--stream", "--run-config", run_config,
+                      timeout=1800 if secure else 600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, fed.diagnostics("flwr run failed", output)
     assert "ServerApp raised an exception" not in output, fed.diagnostics("ServerApp", output)
@@ -148,11 +155,24 @@ def _run_and_check(fed: LoopbackFederation, out_dir: Path) -> dict:
     assert metrics_file.is_file(), fed.diagnostics("no metrics.json", output)
     text = metrics_file.read_text()
     for site in ("site:site-1", "site:site-2", "site:site-3"):
-        assert site in text, fed.diagnostics(f"no {site} row", output)
+        # with secure aggregation the server never sees one site's counts
+        assert (site in text) != secure, fed.diagnostics(f"{site} row (secure={secure})", output)
     assert (out_dir / "checkpoints" / f"round-{ROUNDS:03d}.pt").is_file()
-    pooled = [r for r in (out_dir / "metrics.csv").read_text().splitlines() if ",pooled," in r]
-    assert len(pooled) == ROUNDS
+    rows = _metric_rows(out_dir)
+    pooled = [key for key in rows if key[1] == "pooled" and key[0] >= 1]
+    assert len(pooled) == ROUNDS, fed.diagnostics("pooled rows", output)
+    if secure:
+        assert "secure aggregation: node" not in output, fed.diagnostics("exclusion", output)
     return json.loads(text)
+
+
+def _metric_rows(out_dir: Path) -> dict[tuple[int, str], dict[str, str]]:
+    with open(out_dir / "metrics.csv", newline="") as fh:
+        return {(int(r["round"]), r["scope"]): r for r in csv.DictReader(fh)}
+
+
+#: The plain run's outputs, for the secure run to compare with (same caches, same seed).
+_PLAIN: dict[str, Path] = {}
 
 
 def test_flwr_run_against_superlink_and_three_supernodes(
@@ -163,7 +183,8 @@ def test_flwr_run_against_superlink_and_three_supernodes(
         fed.start_superlink()
         for i, cache in enumerate(site_caches):
             fed.start(f"supernode-{i}", fed.supernode_args(cache, f"site-{i + 1}"))
-        _run_and_check(fed, tmp_path / "run-out")
+        _run_and_check(fed, tmp_path / "run-out", secure=False)
+        _PLAIN["out"] = tmp_path / "run-out"
     finally:
         fed.stop()
     assert all(p.poll() is not None for p in fed.procs)
@@ -176,6 +197,7 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
+@pytest.mark.timeout(2400)
 def test_tls_and_site_authentication(tmp_path: Path, site_caches: list[Path]) -> None:
     study = tmp_path / "study"
     certs.init_study(study, server_names=["localhost"], server_ips=["127.0.0.1"])
@@ -202,7 +224,7 @@ def test_tls_and_site_authentication(tmp_path: Path, site_caches: list[Path]) ->
         wrong_ca = fed.start("intruder-ca", fed.supernode_args(
             site_caches[0], "intruder", key=keys[0].private_key,
             ca=certs.StudyPaths(other_ca).ca_cert) + ["--max-retries", "2"])
-        _run_and_check(fed, tmp_path / "run-out")
+        _run_and_check(fed, tmp_path / "run-out", secure=True)
         for proc, name, reason in ((intruder, "intruder-key", "Failed to activate SuperNode"),
                                    (wrong_ca, "intruder-ca", "CERTIFICATE_VERIFY_FAILED")):
             code = _wait_exit(proc, 120)
@@ -211,3 +233,31 @@ def test_tls_and_site_authentication(tmp_path: Path, site_caches: list[Path]) ->
     finally:
         fed.stop()
     assert all(p.poll() is not None for p in fed.procs)
+    _compare_with_plain(tmp_path / "run-out")
+
+
+def _compare_with_plain(secure_out: Path) -> None:
+    """Secure aggregation changes the global model only within the quantisation bound."""
+    if "out" not in _PLAIN:
+        pytest.skip("the plain deployment run did not run in this session; nothing to compare")
+    import torch
+
+    from fedrad.server.checkpoint import load_checkpoint
+
+    plain = load_checkpoint(_PLAIN["out"] / "checkpoints" / "round-001.pt")["state_dict"]
+    secure = load_checkpoint(secure_out / "checkpoints" / "round-001.pt")["state_dict"]
+    assert plain.keys() == secure.keys()
+    for key, value in plain.items():
+        assert secure[key].dtype == value.dtype, key
+        if value.is_floating_point():  # bound ~1e-7, plus thread-order noise of training
+            assert torch.allclose(secure[key], value, atol=1e-4, rtol=0), key
+        else:
+            assert torch.equal(secure[key], value), key
+    a, b = _metric_rows(_PLAIN["out"]), _metric_rows(secure_out)
+    for rnd in range(1, ROUNDS + 1):
+        p, q = a[(rnd, "pooled")], b[(rnd, "pooled")]
+        assert p["n"] == q["n"]  # exact integer sums of the counts
+        n = int(p["n"])
+        for key in ("accuracy", "sensitivity", "specificity"):
+            assert abs(float(p[key]) - float(q[key])) <= 1.0 / n + 1e-9, (rnd, key)
+        assert abs(float(p["auc"]) - float(q["auc"])) <= 0.05, rnd
