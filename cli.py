@@ -6,7 +6,7 @@ import typer
 
 from fedrad.client.cli import site_app
 from fedrad.common.models import list_models
-from fedrad.server.cli import certs_app
+from fedrad.server.cli import certs_app, run_status
 from fedrad.simulations.cli import demo, simulate
 from fedrad.simulations.inference_cli import evaluate, export, predict
 
@@ -23,6 +23,7 @@ app.command("evaluate")(evaluate)
 app.command("export")(export)
 app.add_typer(site_app, name="site")
 app.add_typer(certs_app, name="certs")
+app.command("status")(run_status)
 
 
 @app.command("models")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedrad.common.errors import FedradError
 
@@ -20,7 +22,7 @@ StudyDir = Annotated[Path, typer.Option("--study", help="The study's folder.")]
 
 
 def _fail(err: FedradError) -> None:
-    console.print(f"[red]error:[/red] {err}")
+    console.print(f"[red]error:[/red] {escape(str(err))}")
     raise typer.Exit(code=2)
 
 
@@ -99,3 +101,28 @@ def status(study: StudyDir) -> None:
     for site in sites:
         state = "revoked" if site["revoked"] else "active"
         console.print(f"  {site['site-id']}: {state}, key sha256 {site['fingerprint'][:16]}")
+
+
+def run_status(
+    out_dir: Annotated[Path, typer.Option(
+        "--out-dir", help="The run's output folder (out-dir; holds status.json).")],
+    connection: Annotated[str | None, typer.Option(
+        "--connection", help="Also ask the SuperLink through this flwr connection (e.g. "
+        "study-local) which sites are online and which runs exist.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+    = False,
+) -> None:
+    """Show the coordinator's view: the round in progress, replies, last pooled metrics."""
+    from .status import fetch_nodes, fetch_runs, format_status, read_status
+
+    try:
+        current = read_status(out_dir)
+        nodes = fetch_nodes(connection) if connection else []
+        runs = fetch_runs(connection) if connection else []
+    except FedradError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps({"status": current, "nodes": nodes, "runs": runs}, indent=2))
+    else:
+        console.print(format_status(current, nodes=nodes, runs=runs), highlight=False,
+                      markup=False)
