@@ -221,8 +221,24 @@ def _monai_chain(size: int, image_size: int, sigma: float) -> Any:
     ])
 
 
-def measure(pipeline: str, folder: Path, image_size: int, profile_out: str | None
-            ) -> dict[str, Any]:
+def subset(folder: Path, count: int) -> Path:
+    """A folder holding the first ``count`` files of ``folder`` (hard links) and their labels."""
+    target = folder.with_name(f"{folder.name}-first{count}")
+    if (target / "complete.json").is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "dicom").mkdir(parents=True)
+    lines = (folder / "labels.csv").read_text().splitlines()
+    (target / "labels.csv").write_text("\n".join(lines[:count + 1]) + "\n")
+    for line in lines[1:count + 1]:
+        name = line.split(",")[0]
+        os.link(folder / "dicom" / name, target / "dicom" / name)
+    (target / "complete.json").write_text(json.dumps({"count": count, "of": str(folder)}))
+    return target
+
+
+def measure(pipeline: str, folder: Path, image_size: int, profile_out: str | None,
+            limit: int | None = None) -> dict[str, Any]:
     """Run one pipeline over one encoding's folder in this process; return its numbers."""
     import pydicom
 
@@ -232,7 +248,7 @@ def measure(pipeline: str, folder: Path, image_size: int, profile_out: str | Non
     from fedrad.common.transforms import build_preprocess
 
     warnings.simplefilter("ignore")
-    files = sorted((folder / "dicom").glob("*.dcm"))
+    files = sorted((folder / "dicom").glob("*.dcm"))[:limit]
     settings = load_settings({"image-size": image_size, "class-names": CLASS_NAMES})
     size = int(pydicom.dcmread(files[0], stop_before_pixels=True).Rows)
 
@@ -290,9 +306,12 @@ def measure(pipeline: str, folder: Path, image_size: int, profile_out: str | Non
 
 
 def _measure_in_child(pipeline: str, folder: Path, image_size: int,
-                      profile_out: str | None = None) -> dict[str, Any]:
+                      profile_out: str | None = None, limit: int | None = None
+                      ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--_measure", pipeline, str(folder),
            "--image-size", str(image_size)]
+    if limit is not None:
+        cmd += ["--_limit", str(limit)]
     if profile_out:
         cmd += ["--_profile-out", profile_out]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -310,12 +329,13 @@ def _print_table(results: dict[str, dict[str, dict[str, Any]]]) -> None:
     print()
     print("images/s/core = images per CPU-second of the (single-threaded) process, so other "
           "load on the machine does not count; wall = images per wall-clock second.")
-    print(f"{'encoding':<18} {'pipeline':<14} {'images/s/core':>13} {'ms/image':>9} "
-          f"{'wall img/s':>10} {'RSS base MB':>11} {'RSS peak MB':>11}")
+    print(f"{'encoding':<18} {'pipeline':<14} {'images':>6} {'images/s/core':>13} "
+          f"{'ms/image':>9} {'wall img/s':>10} {'RSS base MB':>11} {'RSS peak MB':>11}")
     for encoding, by_pipe in results.items():
         for name, r in by_pipe.items():
             rate = _rate(r)
-            print(f"{encoding:<18} {name:<14} {rate:>13.1f} {1000 / rate:>9.1f} "
+            print(f"{encoding:<18} {name:<14} {r['images']:>6} {rate:>13.1f} "
+                  f"{1000 / rate:>9.1f} "
                   f"{r['images'] / r['seconds']:>10.1f} "
                   f"{r['rss_before_mb']:>11.0f} {r['rss_peak_mb']:>11.0f}")
     print()
@@ -361,12 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encodings", default=",".join(ENCODINGS),
                         help=f"comma-separated subset of {','.join(ENCODINGS)}")
     parser.add_argument("--pipelines", default=",".join(PIPELINES),
-                        help=f"comma-separated subset of {','.join(PIPELINES)}")
+                        help=f"comma-separated subset of {','.join(PIPELINES)} ('none': "
+                        "only the memory run)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedrad-site-bench"),
                         help="where the generated files are kept and reused between runs "
                         "(default /tmp/fedrad-site-bench)")
     parser.add_argument("--fresh", action="store_true",
                         help="write the files again even when complete ones are there")
+    parser.add_argument("--slow-count", type=int, default=None,
+                        help="files for the slow measurements -- every JPEG 2000 pipeline "
+                        "and MONAI on any encoding -- when the machine cannot afford "
+                        "--count of them (default: --count)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="measurements run at once, each single-threaded (default 1)")
     parser.add_argument("--memory-files", type=int, default=10_000,
@@ -383,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_measure", nargs=2, metavar=("PIPELINE", "FOLDER"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--_profile-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_limit", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_memory", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._measure:
         pipeline, folder = args._measure
-        print(json.dumps(measure(pipeline, Path(folder), args.image_size, args._profile_out)))
+        print(json.dumps(measure(pipeline, Path(folder), args.image_size, args._profile_out,
+                                 args._limit)))
         return 0
     if args._memory:
         folder, out = args._memory
@@ -397,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     encodings = [e for e in args.encodings.split(",") if e]
-    pipelines = [p for p in args.pipelines.split(",") if p]
+    pipelines = [p for p in args.pipelines.split(",") if p and p != "none"]
     bad = [e for e in encodings if e not in ENCODINGS] + [p for p in pipelines
                                                           if p not in PIPELINES]
     if bad:
@@ -411,19 +438,27 @@ def main(argv: list[str] | None = None) -> int:
           f"python {platform.python_version()}, {os.cpu_count()} cores, one thread per "
           f"pipeline, {args.jobs} measurement(s) at a time; files in {workdir}", flush=True)
     folders = generate(workdir, args.count, args.size, encodings, args.gen_workers)
+    slow = args.slow_count if args.slow_count and args.slow_count < args.count else None
+    if slow:
+        print(f"  slow measurements (every JPEG 2000 pipeline, MONAI on every encoding) on "
+              f"the first {slow} files only", flush=True)
+        folders = {e: subset(f, slow) if e.startswith("jpeg2000") else f
+                   for e, f in folders.items()}
     results: dict[str, dict[str, dict[str, Any]]] = {e: {} for e in encodings}
     runs = [(e, p) for e in encodings for p in pipelines]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {run: pool.submit(_measure_in_child, run[1], folders[run[0]],
-                                    args.image_size) for run in runs}
+                                    args.image_size, None,
+                                    slow if run[1] == "monai" else None) for run in runs}
         for (encoding, pipeline), future in futures.items():
             r = future.result()
             results[encoding][pipeline] = r
             print(f"  {encoding:<18} {pipeline:<14} {_rate(r):7.1f} images/s/core",
                   flush=True)
-    _print_table(results)
+    if runs:
+        _print_table(results)
     memory = None
     if args.memory_files > 0:
         folder = generate(workdir / "memory", args.memory_files, args.memory_size,

@@ -627,11 +627,11 @@ def read_dicom(path: str | os.PathLike[str]) -> Any:
     return _run_logging_warnings(_read_dataset, Path(path))
 
 
-def _stored_affine(raw: np.ndarray | None, arr: np.ndarray | None, table: np.ndarray | None,
-                   ds: Any, layout: _Layout, frame: int, voi_policy: str
+def _stored_affine(raw: np.ndarray | None, arr: np.ndarray | None, ds: Any,
+                   layout: _Layout, frame: int, voi_policy: str
                    ) -> tuple[np.ndarray, tuple[float, float]] | None:
     """The stored values and their affine grey transform, when there is one."""
-    if raw is not None and table is not None:
+    if raw is not None:
         # Native frame: the raw patterns are the stored values when no unused high bit
         # is set (unsigned) or they are already sign extended (signed).
         signed = int(ds.PixelRepresentation) == 1
@@ -640,8 +640,9 @@ def _stored_affine(raw: np.ndarray | None, arr: np.ndarray | None, table: np.nda
         half = 1 << (layout.bits_stored - 1)
         if (signed and not -half <= lo <= hi < half) or (not signed and hi >= 2 * half):
             return None
-        mask = (1 << layout.bits_allocated) - 1
-        grey = table[np.arange(lo, hi + 1, dtype=np.int64) & mask]
+        # The LUTs of the values present, as _grey_table would hold them.
+        values = np.arange(lo, hi + 1, dtype=stored.dtype).reshape(1, -1)
+        grey = _luts_elementwise(values, ds, frame, voi_policy).ravel().astype(np.float32)
     elif arr is not None and arr.dtype.kind in "iu" and arr.ndim == 2 and arr.size >= 4096:
         stored = arr
         lo, hi = int(arr.min()), int(arr.max())
@@ -665,13 +666,13 @@ def _decode(path: Path, frame_policy: str, voi_policy: str, max_pixels: int,
         ds, path, frame if layout.frames > 1 else None)
     affine = None
     try:
-        table = _grey_table(ds, layout, frame, voi_policy) if raw is not None else None
         if allow_affine and layout.photometric in _MONOCHROME:
-            affine = _stored_affine(raw, arr, table, ds, layout, frame, voi_policy)
+            affine = _stored_affine(raw, arr, ds, layout, frame, voi_policy)
         if affine is not None:
             pixels = affine[0]
         elif raw is not None:
             # Uncompressed greyscale: look the raw patterns up in a table of the LUTs.
+            table = _grey_table(ds, layout, frame, voi_policy)
             pixels = table[raw]
             if not np.isfinite(table).all():
                 pixels = _make_finite(pixels, path)

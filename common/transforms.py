@@ -186,12 +186,46 @@ def _resample_rows_loop(arr: np.ndarray, n_out: int) -> np.ndarray:
     return out
 
 
+#: Input rows converted to float32 at a time when resampling an integer image (a band
+#: that stays in the processor's cache instead of a full-size float copy).
+_BAND_ROWS = 128
+
+
+@functools.lru_cache(maxsize=64)
+def _resample_bands(n_in: int, n_out: int) -> tuple[tuple[int, int, int, int, Any], ...]:
+    """:func:`_resample_matrix` cut into groups of output rows: ``(first output row, end,
+    first input row, end, CSR block over those input rows)``, the same entries in the
+    same order (column indices shifted), so each group's product has the same bits."""
+    matrix = _resample_matrix(n_in, n_out)
+    index, _ = _resample_taps(n_in, n_out)
+    scale = max(1.0, n_in / n_out)
+    group = max(1, int(_BAND_ROWS / scale))
+    bands = []
+    for start in range(0, n_out, group):
+        stop = min(n_out, start + group)
+        lo, hi = int(index[:, start:stop].min()), int(index[:, start:stop].max()) + 1
+        rows = matrix[start:stop]
+        block = type(matrix)((rows.data, rows.indices - lo, rows.indptr),
+                             shape=(stop - start, hi - lo))
+        bands.append((start, stop, lo, hi, block))
+    return tuple(bands)
+
+
 def _resample_rows(arr: np.ndarray, n_out: int) -> np.ndarray:
-    """Resample the rows (axis 0) of a ``float32`` image to ``n_out``."""
+    """Resample the rows (axis 0) of an image to ``n_out``, in ``float32``.
+
+    ``arr`` is ``float32``, or integers of at most 16 bits (exact in ``float32``), which
+    are converted a band of rows at a time: the same bits as converting first.
+    """
     matrix = _resample_matrix(arr.shape[0], n_out)
     if matrix is None:
-        return _resample_rows_loop(arr, n_out)
-    return np.asarray(matrix @ arr, dtype=np.float32)
+        return _resample_rows_loop(arr.astype(np.float32, copy=False), n_out)
+    if arr.dtype == np.float32:
+        return np.asarray(matrix @ arr, dtype=np.float32)
+    out = np.empty((n_out, arr.shape[1]), dtype=np.float32)
+    for start, stop, lo, hi, block in _resample_bands(arr.shape[0], n_out):
+        out[start:stop] = block @ arr[lo:hi].astype(np.float32)
+    return out
 
 
 def _transposed(arr: np.ndarray, block: int = 8) -> np.ndarray:
@@ -224,9 +258,13 @@ class Resize(Transform):
         self.size = (int(size[0]), int(size[1]))
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
-        arr = _as_image(img)
+        arr = np.asarray(img)
+        if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2:
+            arr = _as_image(arr)  # integers of up to 16 bits are converted band by band
+        elif arr.ndim != 2:
+            raise ValueError(f"expected a 2-D image (rows, cols), got shape {arr.shape}")
         if arr.shape == self.size:
-            return arr.copy()
+            return arr.astype(np.float32)
         (h, w), (oh, ow) = arr.shape, self.size
         # Resample first along the axis that leaves the smaller intermediate image.
         if oh * w <= h * ow:

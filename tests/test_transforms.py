@@ -117,9 +117,20 @@ def test_resize_is_bit_identical_to_the_tap_loop(shape: tuple[int, int], size: t
     assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
-def test_resize_of_integers_equals_resize_of_their_floats() -> None:
-    stored = RNG.integers(-2048, 2048, (120, 90)).astype(np.int16)
-    assert np.array_equal(Resize(32)(stored), Resize(32)(stored.astype(np.float32)))
+@pytest.mark.parametrize(("shape", "size", "dtype"), [
+    ((120, 90), (32, 32), np.int16), ((1500, 700), (64, 224), np.uint16),
+    ((600, 2100), (300, 50), np.uint16), ((40, 40), (40, 40), np.uint8),
+])
+def test_resize_of_integers_equals_resize_of_their_floats(shape: tuple[int, int],
+                                                          size: tuple[int, int],
+                                                          dtype: type) -> None:
+    """Integer images are converted to float32 a band of rows at a time: same bits."""
+    info = np.iinfo(dtype)
+    stored = RNG.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    out = Resize(size)(stored)
+    ref = _resize_reference(stored.astype(np.float32), size)
+    assert out.dtype == np.float32 and out.shape == size
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
 def test_crop_to_square_keeps_the_centre() -> None:
