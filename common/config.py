@@ -73,6 +73,9 @@ class Settings:
         "server output folder: checkpoints, metrics JSON/CSV"))
     central_eval_dir: str = field(default="", metadata=_meta(
         "prepared cache of a held-out set for central evaluation (empty: none)"))
+    resume: bool = field(default=False, metadata=_meta(
+        "continue the run in out-dir from its last completed round (its checkpoint, metrics "
+        "history and random state) instead of starting afresh"))
     class_names: str = field(default="", metadata=_meta(
         "comma-separated class names, in label order (empty: class-0, class-1, ...)"))
     secure_aggregation: bool = field(default=True, metadata=_meta(
@@ -122,7 +125,8 @@ class Settings:
 
 
 #: Settings that name coordinator-side files; they are never sent to the sites.
-SERVER_ONLY_KEYS: frozenset[str] = frozenset({"out-dir", "central-eval-dir", "weights-path"})
+SERVER_ONLY_KEYS: frozenset[str] = frozenset(
+    {"out-dir", "central-eval-dir", "weights-path", "resume"})
 
 SETTINGS_KEYS: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in fields(Settings))
 _FIELDS = {f.name.replace("_", "-"): f for f in fields(Settings)}

@@ -173,6 +173,8 @@ class SecureRounds:
         self._census: tuple[float, set[int]] | None = None  # training samples, sites
         self.trips = 0
         self.train_metrics: dict[int, dict[str, float]] = {}
+        #: optional :class:`~fedrad.server.status.StatusWriter` shown by ``fedrad status``
+        self.status: Any = None
 
     # ----------------------------------------------------------------- messaging
     def _nodes(self) -> list[int]:
@@ -188,6 +190,8 @@ class SecureRounds:
             return {}
         messages = [Message(content=c, dst_node_id=n, message_type=message_type,
                             group_id=str(server_round)) for n, c in contents.items()]
+        if self.status is not None:
+            self.status.step(server_round, f"secure {message_type}", asked=list(contents))
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)
         self.trips += 1
         out: dict[int, Message] = {}
@@ -195,6 +199,8 @@ class SecureRounds:
             node = int(reply.metadata.src_node_id)
             if node in contents and node not in out:
                 out[node] = reply
+        if self.status is not None:
+            self.status.replies(list(out))
         for node in contents:
             if node not in out:
                 self._exclude(server_round, node, "no-reply", "no reply before the timeout")
@@ -329,40 +335,46 @@ class SecureRounds:
             self._fail(inst, f"[{e.code}] {e.message}")
 
     # ----------------------------------------------------------------- the run
-    def run(self, arrays: ArrayRecord,
-            after_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
-        """Run all rounds from ``arrays``; call ``after_round(r, arrays)`` after each."""
+    def run(self, arrays: ArrayRecord, after_round: Callable[[int, ArrayRecord], None], *,
+            start_round: int = 0) -> ArrayRecord:
+        """Run the rounds after ``start_round`` from ``arrays``; ``after_round(r, arrays)``.
+
+        ``start_round`` > 0 resumes a run whose round ``start_round`` completed (``arrays``
+        is its global model): the first step re-evaluates that model, which also gives the
+        next training round its sample-count census, then training goes on.
+        """
         self._reference = {k: v.numpy() for k, v in arrays.items()}
-        first = [0, 1]
+        k0 = 2 * start_round
+        first = [k0, k0 + 1]
         for k in first:
             self._instance(k)
         nonce = os.urandom(16)
         replies = self._send({n: RecordDict({RECORD: ConfigRecord({"advertise": first}),
-                                             ECHO: self._echo(0, nonce)})
-                              for n in self._nodes()}, f"query.{QUERY_ACTION}", 0)
+                                             ECHO: self._echo(start_round, nonce)})
+                              for n in self._nodes()}, f"query.{QUERY_ACTION}", start_round)
         for node, reply in replies.items():
-            if (content := self._usable(0, node, reply, nonce)) is not None:
-                self._take_adverts(0, node, content.config_records.get(RECORD, {}))
-        inst = self.instances[0]
+            if (content := self._usable(start_round, node, reply, nonce)) is not None:
+                self._take_adverts(start_round, node, content.config_records.get(RECORD, {}))
+        inst = self.instances[k0]
         self._freeze(inst)
         if inst.server is not None:
             replies = self._send({n: RecordDict({RECORD: ConfigRecord(self._share_op(inst, n)),
-                                                 ECHO: self._echo(0, nonce)})
-                                  for n in inst.index}, f"query.{QUERY_ACTION}", 0)
+                                                 ECHO: self._echo(start_round, nonce)})
+                                  for n in inst.index}, f"query.{QUERY_ACTION}", start_round)
             outgoing: dict[int, dict[int, bytes]] = {}
             for node, reply in replies.items():
-                if (content := self._usable(0, node, reply, nonce)) is not None:
+                if (content := self._usable(start_round, node, reply, nonce)) is not None:
                     self._take_shares(inst, node, content.config_records.get(RECORD, {}),
                                       outgoing)
             self._route(inst, outgoing)
-        for k in range(0, self.last_k + 1):
+        for k in range(k0, self.last_k + 1):
             inst = self.instances[k]
             if inst.kind == "train":
                 self._reference = {name: v.numpy() for name, v in arrays.items()}
             self._work(inst, arrays)
             self._unmask_and_advance(inst)
             arrays = self._finish(inst, arrays)
-            if inst.kind == "evaluate" and k > 0:
+            if inst.kind == "evaluate" and k > k0:
                 after_round(inst.server_round, arrays)
         return arrays
 

@@ -40,7 +40,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedrad.common.cache import load_cache
 from fedrad.common.config import Settings, load_settings
-from fedrad.common.errors import FedradError
+from fedrad.common.errors import ConfigError, FedradError
 from fedrad.common.metrics import (
     OutcomeCounts,
     count_outcomes,
@@ -52,9 +52,10 @@ from fedrad.common.models import model_from_settings
 from fedrad.common.secagg.wire import ECHO
 from fedrad.common.training import predict_scores, select_device
 
-from .checkpoint import save_checkpoint
+from .checkpoint import capture_rng, latest_checkpoint, restore_rng, save_checkpoint
 from .evaluator import MetricsLog, format_final_summary, format_round_table
 from .secure_rounds import ReplyRejected, SecureRounds, trips_per_run
+from .status import StatusWriter, attach_run_log
 
 __all__ = [
     "app",
@@ -161,6 +162,10 @@ class FedradFedAvg(FedAvg):
         self.round_failures: dict[int, list[str]] = {}
         self._nonces: dict[tuple[str, int], bytes] = {}
         self._sent: dict[int, ArrayRecord] = {}
+        #: rounds already completed by the run this one resumes (Flower counts from 1)
+        self.round_offset = 0
+        #: optional :class:`~fedrad.server.status.StatusWriter` shown by ``fedrad status``
+        self.status: StatusWriter | None = None
 
     def note_failure(self, server_round: int, text: str) -> None:
         """Record one failure of ``server_round`` (it reaches the round's report)."""
@@ -183,15 +188,30 @@ class FedradFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """FedAvg's training messages, each with this round's nonce to echo."""
+        server_round += self.round_offset
         self._sent[server_round] = arrays
-        return self._stamp("train", server_round,
-                           super().configure_train(server_round, arrays, config, grid))
+        out = self._stamp("train", server_round,
+                          super().configure_train(server_round, arrays, config, grid))
+        if self.status is not None:
+            self.status.step(server_round, "train", asked=[m.metadata.dst_node_id for m in out])
+        return out
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """FedAvg's evaluation messages, each with this round's nonce to echo."""
-        return self._stamp("evaluate", server_round,
-                           super().configure_evaluate(server_round, arrays, config, grid))
+        server_round += self.round_offset
+        out = self._stamp("evaluate", server_round,
+                          super().configure_evaluate(server_round, arrays, config, grid))
+        if self.status is not None:
+            self.status.step(server_round, "evaluate",
+                             asked=[m.metadata.dst_node_id for m in out])
+        return out
+
+    def _replies_in(self, server_round: int, replies: list[Message]) -> None:
+        if self.status is not None:
+            self.status.replies(
+                [m.metadata.src_node_id for m in replies if not m.has_error()],
+                self.round_failures.get(server_round, []))
 
     def _screen(self, kind: str, server_round: int, valid: list[Message]) -> list[Message]:
         """Drop replies that fail validation, recording each with its reason code."""
@@ -216,10 +236,12 @@ class FedradFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         self._note_failures(server_round, "train", errors)
         valid = self._screen("train", server_round, valid)
+        self._replies_in(server_round, valid)
         if len(valid) < self.settings.min_sites:
             log.warning(
                 "round %d: %d of %d sites returned an update, fewer than min-sites=%d; "
@@ -251,10 +273,12 @@ class FedradFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
         self._note_failures(server_round, "evaluate", errors)
         valid = self._screen("evaluate", server_round, valid)
+        self._replies_in(server_round, valid)
         per_site: list[tuple[str, OutcomeCounts]] = []
         for msg in valid:
             site = f"node-{msg.metadata.src_node_id}"
@@ -300,8 +324,6 @@ class _CentralEvaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         s = self.settings
         state = arrays.to_torch_state_dict()
-        if server_round > 0:
-            save_checkpoint(self.out_dir, server_round, state, s.to_run_config())
         result = None
         if self.cache is not None:
             model = model_from_settings(s)
@@ -312,15 +334,21 @@ class _CentralEvaluator:
             row = pooled_metrics(counts, class_names=s.classes)
             self.metrics_log.record(server_round, "central", row, n=counts.n)
             result = MetricRecord(_scalar_metrics(row))
+        # metrics first, then the checkpoint: a crash between the two resumes from the
+        # round before, whose metrics are all on disk (later rows are dropped on resume)
+        self.metrics_log.write()
         if server_round > 0:
+            save_checkpoint(self.out_dir, server_round, state, s.to_run_config(),
+                            rng=capture_rng())
             rows = self.metrics_log.round_rows(server_round)
             table = format_round_table(server_round, rows, s.classes)
             log.info("round %d/%d metrics\n%s", server_round, s.num_server_rounds, table)
             failures = self.strategy.round_failures.get(server_round, [])
+            if self.strategy.status is not None:
+                self.strategy.status.metrics(server_round, rows)
             if self.on_round is not None:
                 self.on_round(RoundReport(server_round, s.num_server_rounds, rows, table,
                                           failures))
-        self.metrics_log.write()
         return result
 
 
@@ -330,51 +358,120 @@ def initial_model(settings: Settings) -> torch.nn.Module:
     return model_from_settings(settings, weights_path=settings.weights_path or None)
 
 
-def run_federation(grid: Grid, settings: Settings,
-                   on_round: RoundCallback | None = None) -> MetricsLog:
-    """Run ``settings.num_server_rounds`` rounds of FedAvg on ``grid``.
+def _resume_point(settings: Settings, out_dir: Path) -> tuple[int, ArrayRecord | None]:
+    """The last completed round in ``out_dir`` and its global model (``resume = true``)."""
+    found = latest_checkpoint(out_dir)
+    if found is None:
+        log.warning("resume: no checkpoint in %s yet; starting from round 1", out_dir)
+        return 0, None
+    server_round, payload = found
+    saved = payload.get("run_config", {})
+    for key in ("model", "num-classes", "image-size", "stem"):
+        if key in saved and saved[key] != settings.to_run_config()[key]:
+            raise ConfigError(
+                f"resume: the checkpoint of round {server_round} in {out_dir} was made with "
+                f"{key}={saved[key]!r}, this run has {key}={settings.to_run_config()[key]!r}; "
+                "use the same setting, or a fresh out-dir"
+            )
+    if "rng" in payload:
+        restore_rng(payload["rng"])
+    log.info("resume: continuing after round %d of %d from %s", server_round,
+             settings.num_server_rounds, out_dir)
+    return server_round, ArrayRecord(payload["state_dict"])
 
-    After every round the global model is saved under ``out-dir`` and the pooled,
-    per-site and central metrics are printed and written as ``metrics.json`` and
-    ``metrics.csv``.
-    """
-    out_dir = Path(settings.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def _history(out_dir: Path, settings: Settings, up_to: int) -> MetricsLog:
+    """A metrics log holding the resumed run's rows up to round ``up_to``."""
     metrics_log = MetricsLog(out_dir, settings.classes)
-    model = initial_model(settings)
-    strategy = FedradFedAvg(settings, metrics_log)
-    evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
-    started = time.perf_counter()
-    initial = ArrayRecord(model.state_dict())
-    if settings.secure_aggregation:
-        _run_secure(grid, settings, strategy, evaluator, initial)
-    else:
-        strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=settings.num_server_rounds,
-            train_config=ConfigRecord(settings.to_site_config()),
-            evaluate_config=ConfigRecord(settings.to_site_config()),
-            evaluate_fn=evaluator,
+    if up_to == 0 or not (out_dir / "metrics.json").is_file():
+        return metrics_log
+    saved = MetricsLog.load(out_dir)
+    if saved.class_names != metrics_log.class_names:
+        raise ConfigError(
+            f"resume: {out_dir}/metrics.json has classes {saved.class_names}, this run has "
+            f"{metrics_log.class_names}; use the same class-names, or a fresh out-dir"
         )
-    log.info("federated run finished in %.1f s; outputs in %s\n%s",
-             time.perf_counter() - started, out_dir, format_final_summary(metrics_log))
+    for row in saved.rows():
+        if row["round"] <= up_to:
+            metrics_log.record(row["round"], row["scope"], row["metrics"], n=row["n"])
     return metrics_log
 
 
+def run_federation(grid: Grid, settings: Settings,
+                   on_round: RoundCallback | None = None, *,
+                   run_id: int | None = None) -> MetricsLog:
+    """Run ``settings.num_server_rounds`` rounds of FedAvg on ``grid``.
+
+    After every round the global model is saved under ``out-dir`` (with the server's
+    random state) and the pooled, per-site and central metrics are printed and written as
+    ``metrics.json`` and ``metrics.csv``; ``status.json`` follows every step and the log
+    also goes to ``logs/server.jsonl``.  With ``resume = true`` the run continues after
+    the last round saved in ``out-dir``: the same global model, metrics history and
+    random state, and the sites are told the same round numbers, so a deterministic run
+    ends with the model an uninterrupted one would have.
+    """
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = attach_run_log(out_dir)
+    status = StatusWriter(out_dir, num_rounds=settings.num_server_rounds, run_id=run_id)
+    try:
+        done, resumed = _resume_point(settings, out_dir) if settings.resume else (0, None)
+        metrics_log = _history(out_dir, settings, done)
+        if done >= settings.num_server_rounds:
+            log.info("resume: all %d rounds are already done in %s", done, out_dir)
+            status.finish(message=f"all {done} rounds were already done")
+            return metrics_log
+        initial = resumed if resumed is not None else ArrayRecord(
+            initial_model(settings).state_dict())
+        strategy = FedradFedAvg(settings, metrics_log)
+        strategy.round_offset = done
+        strategy.status = status
+        evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
+        started = time.perf_counter()
+        if settings.secure_aggregation:
+            _run_secure(grid, settings, strategy, evaluator, initial, start_round=done)
+        else:
+            def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+                if server_round == 0 and done:
+                    return None  # the resumed model was evaluated when it was saved
+                return evaluator(server_round + done, arrays)
+
+            strategy.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=settings.num_server_rounds - done,
+                train_config=ConfigRecord(settings.to_site_config()),
+                evaluate_config=ConfigRecord(settings.to_site_config()),
+                evaluate_fn=evaluate_fn,
+            )
+        log.info("federated run finished in %.1f s; outputs in %s\n%s",
+                 time.perf_counter() - started, out_dir, format_final_summary(metrics_log))
+        status.finish()
+        return metrics_log
+    except BaseException as err:
+        status.finish("failed", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        logging.getLogger("fedrad").removeHandler(handler)
+        handler.close()
+
+
 def _run_secure(grid: Grid, settings: Settings, strategy: FedradFedAvg,
-                evaluator: _CentralEvaluator, initial: ArrayRecord) -> None:
+                evaluator: _CentralEvaluator, initial: ArrayRecord, *,
+                start_round: int = 0) -> None:
     """The rounds under secure aggregation: same checkpoints, central and pooled rows."""
     log.info("secure aggregation on (SecAgg+): the server sees only sums; %d message round "
-             "trips for %d rounds", trips_per_run(settings.num_server_rounds),
-             settings.num_server_rounds)
-    evaluator(0, initial)
+             "trips for %d rounds", trips_per_run(settings.num_server_rounds - start_round),
+             settings.num_server_rounds - start_round)
+    if start_round == 0:
+        evaluator(0, initial)
 
     def pooled(server_round: int, row: dict[str, Any], n: int) -> None:
         strategy.metrics_log.record(server_round, "pooled", row, n=n)
 
     rounds = SecureRounds(grid, settings, on_failure=strategy.note_failure, on_pooled=pooled)
-    rounds.run(initial, after_round=evaluator)
+    rounds.status = strategy.status
+    rounds.run(initial, after_round=evaluator, start_round=start_round)
     log.info("secure aggregation: %d message round trips", rounds.trips)
 
 
@@ -396,7 +493,7 @@ def make_server_app(settings: Settings | None = None,
     def main(grid: Grid, context: Context) -> None:
         _ensure_logging()
         run_settings = settings or load_settings(context.run_config)
-        run_federation(grid, run_settings, on_round)
+        run_federation(grid, run_settings, on_round, run_id=context.run_id)
 
     return server_app
 
