@@ -44,6 +44,7 @@ import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
@@ -359,6 +360,72 @@ def gpu_mask_seconds(length: int, n: int, device: str, *, repeats: int = 3) -> d
     return {"mask": statistics.median(times[1:])}
 
 
+def fedrad_round(n: int, *, secure: bool, seed: int, model: str = "resnet18") -> dict:
+    """One round of fedrad's own ServerApp logic and ClientApps, CPU seconds.
+
+    ``run_federation`` drives the real ClientApps (secure aggregation on or off) over the
+    same in-process grid as Flower's rounds; only the sites' training and evaluation are
+    replaced by fixed updates and counts, so what is timed is fedrad's messaging, masking,
+    validation, aggregation and checkpointing.  A fedrad round also evaluates (round 0 and
+    after training: two more model broadcasts), which Flower's fit round does not.
+    """
+    import tempfile
+
+    import torch
+
+    import fedrad.client.client_app as client_app_module
+    from fedrad.client.client_app import SiteContext, make_client_app
+    from fedrad.common.config import load_settings
+    from fedrad.common.metrics import count_outcomes, counts_to_metrics
+    from fedrad.server.server_app import run_federation
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 50)
+    probs = np.clip(labels * 0.5 + rng.uniform(0, 0.5, 50), 0, 1)
+    counts = count_outcomes(np.stack([1 - probs, probs], axis=1), labels, bins=1000)
+
+    def train_on_site(arrays, settings, site, server_round=1, **_kw):  # noqa: ANN001, ANN202
+        i = int(site.site_id.split("-")[1])
+        scale = np.float32(1.0 + 0.001 * i)
+        out = {k: (v.numpy() * scale).astype(v.numpy().dtype) if v.numpy().dtype.kind == "f"
+               else v.numpy() for k, v in arrays.items()}
+        from flwr.app import Array, ArrayRecord
+
+        record = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in out.items()})
+        return record, {"num-examples": 100 + 10 * i, "train-loss": 0.5, "train-seconds": 0.0}
+
+    def evaluate_on_site(arrays, settings, site):  # noqa: ANN001, ANN202
+        return {"num-examples": counts.n, **counts_to_metrics(counts)}
+
+    saved = {name: getattr(client_app_module, name) for name in
+             ("train_on_site", "evaluate_on_site", "training_sample_count")}
+    client_app_module.train_on_site = train_on_site
+    client_app_module.evaluate_on_site = evaluate_on_site
+    client_app_module.training_sample_count = (
+        lambda settings, site: 100 + 10 * int(site.site_id.split("-")[1]))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            sites = {i: SiteContext(f"site-{i}", Path(tmp) / f"s{i}") for i in range(n)}
+            node_ids = list(range(101, 101 + n))
+            app = make_client_app(sites, threads=1)
+            grid = DirectGrid({node: app for node in node_ids}, node_ids)
+            for i, node in enumerate(node_ids):
+                grid.contexts[node].node_config = {"partition-id": i}
+            settings = load_settings({"model": model, "num-server-rounds": 1,
+                                      "min-sites": n, "secure-aggregation": secure,
+                                      "out-dir": str(Path(tmp) / "out")})
+            started = time.process_time()
+            run_federation(grid, settings)
+            total = time.process_time() - started
+    finally:
+        for name, value in saved.items():
+            setattr(client_app_module, name, value)
+    clients = sum(grid.client_cpu.values())
+    return {"client": clients / n, "server": total - clients, "total": total,
+            "bytes": grid.bytes}
+
+
 def compare_with_flower(ours: dict[tuple[str, int], tuple[dict, int]]) -> bool:
     """Print Flower's SecAgg+ against fedrad's for the same sizes and site counts.
 
@@ -393,6 +460,27 @@ def compare_with_flower(ours: dict[tuple[str, int], tuple[dict, int]]) -> bool:
               f"{secure['dtype']:>9}", flush=True)
     print("speedup = Flower SecAgg+ round / fedrad secure round (target >= 3x); "
           "'+cost' = what secure aggregation adds to the plain round")
+    print()
+    print("# the same, end to end with fedrad's own ServerApp logic and ClientApps (a fedrad "
+          "round also evaluates twice), CPU seconds")
+    header = (f"{'model':<9}{'n':>4}{'fr plain':>9}{'fr secure':>10}{'fr +cost':>9}"
+              f"{'fl plain':>9}{'fl sa+':>8}{'fl +cost':>9}{'round':>8}{'+cost':>8}")
+    print(header)
+    print("-" * len(header))
+    for (size, n), (_r, t) in ours.items():
+        if size not in SIZES:
+            continue
+        plain = fedrad_round(n, secure=False, seed=n, model=size)["total"]
+        secure = fedrad_round(n, secure=True, seed=n, model=size)["total"]
+        shapes = model_shapes(size)
+        fl = [flower_round(shapes, n, t, secure=s, seed=n) for s in (False, True)]
+        fl_plain, fl_secure = (r["client"] * n + r["server"] for r in fl)
+        print(f"{size:<9}{n:>4}{plain:>9.2f}{secure:>10.2f}{secure - plain:>9.2f}"
+              f"{fl_plain:>9.2f}{fl_secure:>8.2f}{fl_secure - fl_plain:>9.2f}"
+              f"{fl_secure / secure:>7.2f}x{(fl_secure - fl_plain) / (secure - plain):>7.1f}x",
+              flush=True)
+    print("round = Flower SecAgg+ round / fedrad secure round; +cost = what secure "
+          "aggregation adds to each one's plain round, Flower's over fedrad's")
     return failed
 
 
