@@ -69,7 +69,10 @@ class LoopbackFederation:
         home.mkdir()
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "PYTHONUNBUFFERED": "1"}
+                    "PYTHONUNBUFFERED": "1",
+                    # the SuperLink and SuperNodes start flower-superexec / flwr-clientapp
+                    # by name: this interpreter's scripts come first
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         security = (f'root-certificates = "{self.study.ca_cert}"\n' if self.study
                     else "insecure = true\n")
         (home / "config.toml").write_text(
@@ -224,9 +227,15 @@ def test_tls_and_site_authentication(tmp_path: Path, site_caches: list[Path]) ->
         wrong_ca = fed.start("intruder-ca", fed.supernode_args(
             site_caches[0], "intruder", key=keys[0].private_key,
             ca=certs.StudyPaths(other_ca).ca_cert) + ["--max-retries", "2"])
+        # A SuperNode without TLS (plain HTTP to the TLS port) never gets in either.
+        plain_args = fed.supernode_args(site_caches[0], "intruder")
+        ca_at = plain_args.index("--root-certificates")
+        plain_args[ca_at:ca_at + 2] = ["--insecure"]
+        no_tls = fed.start("intruder-no-tls", plain_args + ["--max-retries", "2"])
         _run_and_check(fed, tmp_path / "run-out", secure=True)
         for proc, name, reason in ((intruder, "intruder-key", "Failed to activate SuperNode"),
-                                   (wrong_ca, "intruder-ca", "CERTIFICATE_VERIFY_FAILED")):
+                                   (wrong_ca, "intruder-ca", "CERTIFICATE_VERIFY_FAILED"),
+                                   (no_tls, "intruder-no-tls", "Failed to initialize")):
             code = _wait_exit(proc, 120)
             assert code not in (None, 0), fed.diagnostics(f"{name} was not refused")
             assert reason in (fed.logs / f"{name}.log").read_text(), fed.diagnostics(name)
