@@ -175,12 +175,14 @@ def test_plain_round_excludes_a_bad_reply_with_its_code(tmp_path: Path, task_ide
     global_arrays = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)),
                                  "bn.num_batches_tracked": Array(np.array(0, np.int64))})
     grid = _Nodes([11, 12, 13])
-    old = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), grid))
+    # FedAvg samples the nodes in random order: pick each node's message by its id
+    old = {m.metadata.dst_node_id: m
+           for m in strategy.configure_train(1, global_arrays, ConfigRecord({}), grid)}
     messages = list(strategy.configure_train(2, global_arrays, ConfigRecord({}), grid))
     by_node = {m.metadata.dst_node_id: m for m in messages}
     replies = [_answer(by_node[11], np.zeros((2, 2)), 10),
                _answer(by_node[12], np.ones((2, 2)), 30),
-               _corrupt(code, by_node[13], old[0])]
+               _corrupt(code, by_node[13], old[13])]
     arrays, metrics = strategy.aggregate_train(2, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 0.75))
     assert metrics["sites"] == 2
