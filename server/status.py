@@ -145,7 +145,8 @@ def attach_run_log(out_dir: str | os.PathLike[str], *, max_bytes: int = 5 * 2**2
                    backups: int = 5, logger_name: str = "fedrad") -> logging.Handler:
     """Send ``logger_name``'s records to ``<out_dir>/logs/server.jsonl``, rotating.
 
-    Returns the handler (remove it from the logger when the run ends).
+    Returns the handler (remove it from the logger when the run ends). The logger's level
+    is left as it is when it was set; an unset level becomes INFO.
     """
     path = Path(out_dir) / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,8 @@ def attach_run_log(out_dir: str | os.PathLike[str], *, max_bytes: int = 5 * 2**2
     handler.setLevel(logging.INFO)
     logger = logging.getLogger(logger_name)
     logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+    if logger.level == logging.NOTSET:
+        # a level someone chose (e.g. a quiet console) is kept; otherwise log INFO and up
         logger.setLevel(logging.INFO)
     return handler
 

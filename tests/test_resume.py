@@ -10,6 +10,7 @@ differ by).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -75,12 +76,18 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[int, SiteContext]:
 
 
 @pytest.fixture(autouse=True)
-def _identity(monkeypatch) -> None:
+def _identity(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     for name in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)  # what the ServerApp process sets
     torch.set_num_threads(1)
+    # as in the ServerApp process (other tests may have quietened fedrad's logger)
+    fedrad_log = logging.getLogger("fedrad")
+    before = fedrad_log.level
+    fedrad_log.setLevel(logging.INFO)
+    yield
+    fedrad_log.setLevel(before)
 
 
 def _settings(out: Path, secure: bool, **extra):
