@@ -17,9 +17,15 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "SETTINGS_KEYS", "SERVER_ONLY_KEYS", "parse_overrides"]
+__all__ = ["Settings", "load_settings", "SETTINGS_KEYS", "SERVER_ONLY_KEYS", "parse_overrides",
+           "STRATEGIES", "ROBUST_STRATEGIES"]
 
 _OPTIMIZERS = ("sgd", "adam", "adamw")
+#: Aggregation strategies (see :mod:`fedrad.server.strategies`).
+STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi", "fedadagrad", "median",
+              "trimmed-mean", "krum")
+#: Strategies that need every site's own update, which secure aggregation hides.
+ROBUST_STRATEGIES = frozenset({"median", "trimmed-mean", "krum"})
 
 
 def _meta(help_: str, choices: tuple[str, ...] | None = None, minimum: float | None = None,
@@ -93,6 +99,31 @@ class Settings:
         "public upper bound on the cohort's total training samples, used as the weight "
         "normaliser in the first secure round (later rounds use the securely summed total)",
         minimum=1))
+    strategy: str = field(default="fedavg", metadata=_meta(
+        "aggregation strategy: fedavg; fedprox (proximal term at the sites); fedbn "
+        "(normalisation layers stay at each site); fedadam, fedyogi, fedadagrad (a server "
+        "optimiser on the mean update); median, trimmed-mean, krum (robust, need "
+        "secure-aggregation=false)", choices=STRATEGIES))
+    proximal_mu: float = field(default=0.01, metadata=_meta(
+        "fedprox: weight mu of the proximal term (mu / 2) * ||w - w_global||^2", minimum=0.0))
+    server_learning_rate: float = field(default=0.01, metadata=_meta(
+        "fedadam / fedyogi / fedadagrad: the server optimiser's step size", minimum=0.0))
+    server_beta1: float = field(default=0.9, metadata=_meta(
+        "fedadam / fedyogi: first-moment decay", minimum=0.0, maximum=1.0))
+    server_beta2: float = field(default=0.99, metadata=_meta(
+        "fedadam / fedyogi: second-moment decay", minimum=0.0, maximum=1.0))
+    server_tau: float = field(default=1e-3, metadata=_meta(
+        "fedadam / fedyogi / fedadagrad: adaptivity (added to the root of the second "
+        "moment)", minimum=0.0))
+    trim_fraction: float = field(default=0.2, metadata=_meta(
+        "trimmed-mean: fraction of sites cut from each end, per coordinate",
+        minimum=0.0, maximum=0.49))
+    krum_byzantine: int = field(default=1, metadata=_meta(
+        "krum: number of faulty sites to tolerate (needs at least 2 x this + 3 sites)",
+        minimum=0))
+    round_timeout: float = field(default=3600.0, metadata=_meta(
+        "seconds the server waits for the sites' replies in each step of a round; a site "
+        "that has not answered by then is a straggler and counts as dropped", minimum=1.0))
     dp_noise_multiplier: float = field(default=0.0, metadata=_meta(
         "differential privacy: each site adds Gaussian noise of std dp-noise-multiplier x "
         "dp-clip to every coordinate of its clipped update (0: DP off)", minimum=0.0))
@@ -215,6 +246,12 @@ def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any)
         )
     if settings.secagg_threshold == 1:
         raise ConfigError("'secagg-threshold' must be 0 (automatic) or at least 2; got 1")
+    if settings.strategy in ROBUST_STRATEGIES and settings.secure_aggregation:
+        raise ConfigError(
+            f"'strategy' {settings.strategy} needs each site's own update, which secure "
+            "aggregation hides from the server; set secure-aggregation=false, or use fedavg, "
+            "fedprox, fedbn, fedadam, fedyogi or fedadagrad"
+        )
     if settings.dp_clip <= 0:
         raise ConfigError(f"'dp-clip' must be > 0 (the L2 bound on a site's update); got "
                           f"{settings.dp_clip!r}")

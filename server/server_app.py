@@ -443,6 +443,7 @@ def run_federation(grid: Grid, settings: Settings,
                 train_config=ConfigRecord(settings.to_site_config()),
                 evaluate_config=ConfigRecord(settings.to_site_config()),
                 evaluate_fn=evaluate_fn,
+                timeout=settings.round_timeout,
             )
         log.info("federated run finished in %.1f s; outputs in %s\n%s",
                  time.perf_counter() - started, out_dir, format_final_summary(metrics_log))
@@ -469,7 +470,8 @@ def _run_secure(grid: Grid, settings: Settings, strategy: FedradFedAvg,
     def pooled(server_round: int, row: dict[str, Any], n: int) -> None:
         strategy.metrics_log.record(server_round, "pooled", row, n=n)
 
-    rounds = SecureRounds(grid, settings, on_failure=strategy.note_failure, on_pooled=pooled)
+    rounds = SecureRounds(grid, settings, on_failure=strategy.note_failure, on_pooled=pooled,
+                          timeout=settings.round_timeout)
     rounds.status = strategy.status
     rounds.run(initial, after_round=evaluator, start_round=start_round)
     log.info("secure aggregation: %d message round trips", rounds.trips)
