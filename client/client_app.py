@@ -39,7 +39,7 @@ from fedrad.common.cache import SiteCache, load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
 from fedrad.common.metrics import count_outcomes, counts_to_metrics
-from fedrad.common.models import model_from_settings
+from fedrad.common.models import model_from_settings, norm_state_keys
 from fedrad.common.secagg.wire import (
     ECHO,
     MASKED,
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 NODE_DATA_DIR = "data-dir"
 NODE_SITE_ID = "site-id"
 NODE_DEVICE = "device"
+#: ``context.state`` record holding a FedBN site's own normalisation layers (never sent)
+LOCAL_NORMS = "fedbn-local-norms"
 
 
 @dataclass(frozen=True)
@@ -138,20 +140,49 @@ def _check_cache(cache: SiteCache, settings: Settings, site: SiteContext) -> Non
         )
 
 
-def _build_model(settings: Settings, arrays: ArrayRecord):
+def _build_model(settings: Settings, arrays: ArrayRecord,
+                 local_norms: Mapping[str, np.ndarray] | None = None):
     model = model_from_settings(settings)
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    state = arrays.to_torch_state_dict()
+    if local_norms:
+        import torch
+
+        for key, value in local_norms.items():
+            if key in state and tuple(state[key].shape) == tuple(value.shape):
+                state[key] = torch.from_numpy(np.array(value)).to(state[key].dtype)
+    model.load_state_dict(state, strict=True)
     return model
+
+
+@lru_cache(maxsize=4)
+def _norm_keys(model: str, num_classes: int, image_size: int, stem: str) -> tuple[str, ...]:
+    settings = load_settings({"model": model, "num-classes": num_classes,
+                              "image-size": image_size, "stem": stem})
+    return tuple(norm_state_keys(model_from_settings(settings)))
+
+
+def local_norms_of(settings: Settings, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The normalisation-layer tensors of ``arrays`` (what a FedBN site keeps)."""
+    keys = _norm_keys(settings.model, settings.num_classes, settings.image_size, settings.stem)
+    return {k: np.array(arrays[k].numpy()) for k in keys if k in arrays}
+
+
+def _stored_norms(context: Context, settings: Settings) -> dict[str, np.ndarray] | None:
+    if settings.strategy != "fedbn" or LOCAL_NORMS not in context.state:
+        return None
+    return {k: v.numpy() for k, v in context.state[LOCAL_NORMS].items()}
 
 
 def train_on_site(
     arrays: ArrayRecord, settings: Settings, site: SiteContext, server_round: int = 1,
-    run_id: int | str = "local",
+    run_id: int | str = "local", local_norms: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """Train the received global model on the site's training split.
 
-    Returns the updated weights and the metrics to send: ``num-examples`` (the count of
-    training samples) and ``train-loss``.
+    ``local_norms`` (FedBN) replace the global model's normalisation layers before
+    training; with ``strategy = fedprox`` the loss carries the proximal term
+    ``proximal-mu``.  Returns the updated weights and the metrics to send:
+    ``num-examples`` (the count of training samples) and ``train-loss``.
     """
     cache = _load_site_cache(str(site.data_dir))
     _check_cache(cache, settings, site)
@@ -159,7 +190,7 @@ def train_on_site(
     train_idx, _ = _site_split(cache, settings)
     if len(train_idx) == 0:
         raise SiteDataError("no-training-data", f"site {site.safe_id} has no training samples")
-    model = _build_model(settings, arrays)
+    model = _build_model(settings, arrays, local_norms)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     lr = settings.learning_rate * (settings.lr_decay ** max(server_round - 1, 0))
     result = train_local(
@@ -176,6 +207,7 @@ def train_on_site(
         amp=settings.amp,
         channels_last=settings.channels_last,
         seed=settings.seed + server_round,
+        proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
     )
     state = {k: v.detach().to("cpu").to(dtypes[k]) for k, v in model.state_dict().items()}
     # DP (dp-noise-multiplier > 0): clip and noise the update, record it in the ledger
@@ -196,9 +228,10 @@ def train_on_site(
 
 
 def evaluate_on_site(
-    arrays: ArrayRecord, settings: Settings, site: SiteContext
+    arrays: ArrayRecord, settings: Settings, site: SiteContext,
+    local_norms: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, int | float | list[int]]:
-    """Score the received model on the site's held-out split.
+    """Score the received model (with a FedBN site's ``local_norms``) on the held-out split.
 
     Returns outcome counts (confusion matrix and per-class score histograms) in the flat
     form the server sums: no per-sample scores, no identifiers.
@@ -211,7 +244,7 @@ def evaluate_on_site(
             "no-validation-data",
             f"site {site.safe_id} has no held-out samples; set val-fraction > 0",
         )
-    model = _build_model(settings, arrays)
+    model = _build_model(settings, arrays, local_norms)
     scores = predict_scores(
         model,
         np.asarray(cache.images[val_idx]),
@@ -288,7 +321,11 @@ def make_client_app(
             settings = _settings_from(msg, context)
             server_round = int(msg.content["config"].get("server-round", 1))
             arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round,
-                                            run_id=context.run_id)
+                                            run_id=context.run_id,
+                                            local_norms=_stored_norms(context, settings))
+            if settings.strategy == "fedbn":  # the site's own norms stay here for next time
+                context.state[LOCAL_NORMS] = ArrayRecord(
+                    {k: Array(v) for k, v in local_norms_of(settings, arrays).items()})
             if RECORD in msg.content:  # secure aggregation: only the masked update leaves
                 content = _secure_train_reply(msg, context, arrays, metrics)
             else:
@@ -307,7 +344,8 @@ def make_client_app(
         def run() -> Message:
             site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
-            metrics = evaluate_on_site(msg.content["arrays"], settings, site)
+            metrics = evaluate_on_site(msg.content["arrays"], settings, site,
+                                       local_norms=_stored_norms(context, settings))
             if RECORD in msg.content:  # secure aggregation: only masked counts leave
                 vector = counts_to_vector(metrics, num_classes=settings.num_classes,
                                           bins=settings.score_bins,

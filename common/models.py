@@ -42,6 +42,7 @@ from .errors import ConfigError, FedradError
 __all__ = [
     "list_models",
     "model_from_settings",
+    "norm_state_keys",
     "get_model",
     "load_weights",
     "resolve_stem",
@@ -452,3 +453,21 @@ def model_from_settings(settings: Settings, *, weights_path: str | None = None) 
     return get_model(settings.model, num_classes=settings.num_classes, in_channels=1,
                      image_size=settings.image_size, stem=settings.stem,
                      weights_path=weights_path)
+
+
+#: Module types whose parameters and buffers FedBN keeps at each site.
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def norm_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of ``model``'s normalisation layers (BatchNorm, LayerNorm, GroupNorm).
+
+    Their weights, biases and running statistics: what FedBN keeps at each site.
+    """
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            prefix = f"{name}." if name else ""
+            keys.extend(prefix + k for k in module.state_dict(keep_vars=True))
+    return keys

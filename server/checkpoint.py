@@ -69,15 +69,20 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(
     out_dir: Path, server_round: int, state_dict: dict[str, torch.Tensor],
     run_config: dict[str, Any], *, rng: dict[str, Any] | None = None,
+    strategy_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save the global model after ``server_round``.
 
     Writes ``checkpoints/round-NNN.pt`` and updates ``model-latest.pt`` in ``out_dir``.
     Each file holds ``{"round", "state_dict", "run_config"}`` and, for resuming, the
-    server's random state ``"rng"`` (see :func:`capture_rng`).
+    server's random state ``"rng"`` (see :func:`capture_rng`) and the aggregation
+    strategy's state ``"strategy"`` (a server optimiser's moments, see
+    :meth:`fedrad.server.strategies.Aggregator.state_dict`).
     """
     payload = {"round": server_round, "state_dict": state_dict, "run_config": run_config,
                "rng": rng if rng is not None else capture_rng()}
+    if strategy_state is not None:
+        payload["strategy"] = strategy_state
     path = Path(out_dir) / "checkpoints" / f"round-{server_round:03d}.pt"
     atomic_torch_save(payload, path)
     atomic_torch_save(payload, Path(out_dir) / "model-latest.pt")

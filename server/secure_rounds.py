@@ -175,6 +175,10 @@ class SecureRounds:
         self.train_metrics: dict[int, dict[str, float]] = {}
         #: optional :class:`~fedrad.server.status.StatusWriter` shown by ``fedrad status``
         self.status: Any = None
+        #: optional ``(current, mean) -> next`` model (a server optimiser, see
+        #: :meth:`fedrad.server.strategies.Aggregator.server_step`); None keeps the mean
+        self.server_step: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]],
+                                   dict[str, np.ndarray]] | None = None
 
     # ----------------------------------------------------------------- messaging
     def _nodes(self) -> list[int]:
@@ -497,6 +501,8 @@ class SecureRounds:
         s = self.settings
         if inst.kind == "train":
             new, loss = vector_to_update(result.values, self._reference)
+            if self.server_step is not None:
+                new = self.server_step(self._reference, new)
             total = result.weight_sum * inst.total_weight
             self.train_metrics[inst.server_round] = {
                 "num-examples": float(round(total)), "train-loss": loss,

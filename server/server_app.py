@@ -1,4 +1,4 @@
-"""fedrad's Flower ServerApp: FedAvg over the sites, pooled metrics, checkpoints.
+"""fedrad's Flower ServerApp: the sites' models aggregated, pooled metrics, checkpoints.
 
 Thin on purpose: settings come from :func:`fedrad.common.config.load_settings`, the
 metrics from :mod:`fedrad.common.metrics`, tables and files from
@@ -8,8 +8,11 @@ With ``secure-aggregation`` (the default) the rounds run through
 :class:`~fedrad.server.secure_rounds.SecureRounds`: the same checkpoints, central
 evaluation and pooled rows, but the server only ever holds masked vectors and their sums,
 so there are no per-site rows and every site that holds keys trains (``fraction-train``
-applies to plain FedAvg only).  Without it, :class:`FedradFedAvg` runs Flower's FedAvg;
-in both, every reply is checked and a bad one is excluded with a reason code.
+applies to plain rounds only).  Without it, :class:`FedradFedAvg` runs Flower's FedAvg
+message flow; in both, every reply is checked and a bad one is excluded with a reason
+code, and the ``strategy`` setting's :class:`~fedrad.server.strategies.Aggregator` makes
+the next global model (FedAvg, FedProx, FedBN, FedAdam/FedYogi/FedAdagrad; plain rounds
+also median, trimmed mean and Krum).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedrad.common.cache import load_cache
 from fedrad.common.config import Settings, load_settings
@@ -56,6 +58,7 @@ from .checkpoint import capture_rng, latest_checkpoint, restore_rng, save_checkp
 from .evaluator import MetricsLog, format_final_summary, format_round_table
 from .secure_rounds import ReplyRejected, SecureRounds, trips_per_run
 from .status import StatusWriter, attach_run_log
+from .strategies import SERVER_OPTIMIZERS, Aggregator
 
 __all__ = [
     "app",
@@ -139,17 +142,19 @@ def check_echo(content: RecordDict, server_round: int, nonce: bytes) -> None:
 
 
 class FedradFedAvg(FedAvg):
-    """FedAvg that sums the sites' outcome counts into pooled metrics.
+    """Flower's FedAvg message flow with fedrad's aggregation and pooled metrics.
 
-    - Training: the weighted mean of the sites' weights (by ``num-examples``), cast back
-      to each tensor's dtype; a round where fewer than ``min-sites`` sites answered keeps
+    - Training: the ``strategy`` setting's :class:`~fedrad.server.strategies.Aggregator`
+      turns the sites' weights (and ``num-examples``) into the next global model, each
+      tensor in its own dtype; a round where fewer than ``min-sites`` sites answered keeps
       the previous global model and says so.
     - Evaluation: the confusion counts and score histograms of all answering sites are
       summed; accuracy, sensitivity, specificity, F1 and AUC are computed from the sums
       (never averaged), plus one row per site.
     """
 
-    def __init__(self, settings: Settings, metrics_log: MetricsLog) -> None:
+    def __init__(self, settings: Settings, metrics_log: MetricsLog,
+                 aggregator: Aggregator | None = None) -> None:
         super().__init__(
             fraction_train=settings.fraction_train,
             fraction_evaluate=1.0,
@@ -159,6 +164,7 @@ class FedradFedAvg(FedAvg):
         )
         self.settings = settings
         self.metrics_log = metrics_log
+        self.aggregator = aggregator if aggregator is not None else Aggregator(settings)
         self.round_failures: dict[int, list[str]] = {}
         self._nonces: dict[tuple[str, int], bytes] = {}
         self._sent: dict[int, ArrayRecord] = {}
@@ -253,13 +259,17 @@ class FedradFedAvg(FedAvg):
             log.warning("round %d: continuing with the %d sites that answered",
                         server_round, len(valid))
         contents = [m.content for m in valid]
-        mean = aggregate_arrayrecords(contents, self.weighted_by_key)
-        reference = next(iter(contents[0].array_records.values()))
-        arrays = ArrayRecord(
-            {k: Array(np.asarray(mean[k].numpy()).astype(reference[k].numpy().dtype))
-             for k in reference.keys()}
-        )
         weights = [float(next(iter(c.metric_records.values()))["num-examples"]) for c in contents]
+        models = [{k: v.numpy() for k, v in next(iter(c.array_records.values())).items()}
+                  for c in contents]
+        sent = self._sent.get(server_round)
+        if sent is None and self.aggregator.name in SERVER_OPTIMIZERS:
+            raise FedradError("no-reference", f"round {server_round}: {self.aggregator.name} "
+                              "needs the global model the sites trained from")
+        # the sent model (replies are checked against it); the first reply has the same form
+        current = {k: v.numpy() for k, v in sent.items()} if sent is not None else models[0]
+        new = self.aggregator.aggregate(current, list(zip(models, weights, strict=True)))
+        arrays = ArrayRecord({k: Array(v) for k, v in new.items()})
         losses = [float(next(iter(c.metric_records.values())).get("train-loss", float("nan")))
                   for c in contents]
         total = sum(weights)
@@ -339,7 +349,8 @@ class _CentralEvaluator:
         self.metrics_log.write()
         if server_round > 0:
             save_checkpoint(self.out_dir, server_round, state, s.to_run_config(),
-                            rng=capture_rng())
+                            rng=capture_rng(),
+                            strategy_state=self.strategy.aggregator.state_dict())
             rows = self.metrics_log.round_rows(server_round)
             table = format_round_table(server_round, rows, s.classes)
             log.info("round %d/%d metrics\n%s", server_round, s.num_server_rounds, table)
@@ -358,21 +369,28 @@ def initial_model(settings: Settings) -> torch.nn.Module:
     return model_from_settings(settings, weights_path=settings.weights_path or None)
 
 
-def _resume_point(settings: Settings, out_dir: Path) -> tuple[int, ArrayRecord | None]:
-    """The last completed round in ``out_dir`` and its global model (``resume = true``)."""
+def _resume_point(settings: Settings, out_dir: Path,
+                  aggregator: Aggregator) -> tuple[int, ArrayRecord | None]:
+    """The last completed round in ``out_dir`` and its global model (``resume = true``).
+
+    The aggregator gets the checkpoint's strategy state back (a server optimiser's
+    moments).
+    """
     found = latest_checkpoint(out_dir)
     if found is None:
         log.warning("resume: no checkpoint in %s yet; starting from round 1", out_dir)
         return 0, None
     server_round, payload = found
     saved = payload.get("run_config", {})
-    for key in ("model", "num-classes", "image-size", "stem"):
+    for key in ("model", "num-classes", "image-size", "stem", "strategy"):
         if key in saved and saved[key] != settings.to_run_config()[key]:
             raise ConfigError(
                 f"resume: the checkpoint of round {server_round} in {out_dir} was made with "
                 f"{key}={saved[key]!r}, this run has {key}={settings.to_run_config()[key]!r}; "
                 "use the same setting, or a fresh out-dir"
             )
+    if "strategy" in payload:
+        aggregator.load_state_dict(payload["strategy"])
     if "rng" in payload:
         restore_rng(payload["rng"])
     log.info("resume: continuing after round %d of %d from %s", server_round,
@@ -400,7 +418,7 @@ def _history(out_dir: Path, settings: Settings, up_to: int) -> MetricsLog:
 def run_federation(grid: Grid, settings: Settings,
                    on_round: RoundCallback | None = None, *,
                    run_id: int | None = None) -> MetricsLog:
-    """Run ``settings.num_server_rounds`` rounds of FedAvg on ``grid``.
+    """Run ``settings.num_server_rounds`` rounds of ``settings.strategy`` on ``grid``.
 
     After every round the global model is saved under ``out-dir`` (with the server's
     random state) and the pooled, per-site and central metrics are printed and written as
@@ -415,7 +433,9 @@ def run_federation(grid: Grid, settings: Settings,
     handler = attach_run_log(out_dir)
     status = StatusWriter(out_dir, num_rounds=settings.num_server_rounds, run_id=run_id)
     try:
-        done, resumed = _resume_point(settings, out_dir) if settings.resume else (0, None)
+        aggregator = Aggregator(settings)
+        done, resumed = (_resume_point(settings, out_dir, aggregator) if settings.resume
+                         else (0, None))
         metrics_log = _history(out_dir, settings, done)
         if done >= settings.num_server_rounds:
             log.info("resume: all %d rounds are already done in %s", done, out_dir)
@@ -423,11 +443,13 @@ def run_federation(grid: Grid, settings: Settings,
             return metrics_log
         initial = resumed if resumed is not None else ArrayRecord(
             initial_model(settings).state_dict())
-        strategy = FedradFedAvg(settings, metrics_log)
+        strategy = FedradFedAvg(settings, metrics_log, aggregator)
         strategy.round_offset = done
         strategy.status = status
         evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
         started = time.perf_counter()
+        log.info("strategy %s, %d rounds, secure aggregation %s", settings.strategy,
+                 settings.num_server_rounds, "on" if settings.secure_aggregation else "off")
         if settings.secure_aggregation:
             _run_secure(grid, settings, strategy, evaluator, initial, start_round=done)
         else:
@@ -473,6 +495,7 @@ def _run_secure(grid: Grid, settings: Settings, strategy: FedradFedAvg,
     rounds = SecureRounds(grid, settings, on_failure=strategy.note_failure, on_pooled=pooled,
                           timeout=settings.round_timeout)
     rounds.status = strategy.status
+    rounds.server_step = strategy.aggregator.server_step
     rounds.run(initial, after_round=evaluator, start_round=start_round)
     log.info("secure aggregation: %d message round trips", rounds.trips)
 

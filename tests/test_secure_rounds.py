@@ -107,7 +107,7 @@ def fake_sites(monkeypatch, tmp_path: Path):
         metrics = {"num-examples": SAMPLES[i], "train-loss": LOSSES[i], "train-seconds": 0.0}
         return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in local.items()}), metrics
 
-    def evaluate_on_site(arrays, settings, site):
+    def evaluate_on_site(arrays, settings, site, **kwargs):
         i = int(site.site_id.split("-")[1])
         counts = _site_counts(i, 1)
         return {"num-examples": counts.n, **counts_to_metrics(counts)}
