@@ -11,10 +11,21 @@ federated strategies to run and which baselines to compare them with::
     partition:
       scheme: label-skew      # iid | label-skew | quantity-skew
       alpha: 0.3
-    strategies: [fedavg]
+    strategies:               # each a name, or {name: {settings for this strategy}}
+      - fedavg
+      - fedprox: {proximal-mu: 0.01}
+      - fedbn
     baselines: [pooled, local]
+    profiles:                 # optional scanner profiles, cycled over the sites
+      - {name: site-a, manufacturer: Acme, noise-std: 0.01, photometric: MONOCHROME1}
     settings:                 # fedrad run settings (see fedrad.common.config)
       num-server-rounds: 10
+
+Strategies: ``fedavg``, ``fedprox``, ``fedbn``, ``fedadam``, ``fedyogi``, ``fedadagrad``
+and the robust ``median``, ``trimmed-mean`` and ``krum`` (see
+:mod:`fedrad.server.strategies`).  The robust ones need each site's own update, so they
+run with ``secure-aggregation`` off (said in the log); the others keep the run's setting.
+A strategy named twice is labelled by its settings, e.g. ``fedprox(proximal-mu=0.1)``.
 
 Every key is checked before anything is written or trained: an unknown key, a dataset
 path that does not exist, or an impossible partition stops the run with a message that
@@ -51,7 +62,7 @@ import yaml
 
 from fedrad.client.client_app import SiteContext, make_client_app
 from fedrad.common.cache import load_cache
-from fedrad.common.config import Settings, load_settings
+from fedrad.common.config import ROBUST_STRATEGIES, STRATEGIES, Settings, load_settings
 from fedrad.common.errors import ConfigError, FedradError
 from fedrad.common.metrics import count_outcomes, pooled_metrics
 from fedrad.common.models import model_from_settings
@@ -60,20 +71,29 @@ from fedrad.common.training import predict_scores, select_device, train_local
 from fedrad.server.server_app import RoundReport, make_server_app
 
 from .demo import MEDMNIST_DEFAULTS, ORIGINAL_PIXELS, SYNTHETIC_DEFAULTS, prepare_federation
+from .dicom_writer import DEFAULT_PROFILES, ScannerProfile
 from .engine import run_in_simulation
 from .partition import SCHEMES
 
-__all__ = ["ExperimentConfig", "ExperimentResult", "load_experiment", "run_experiment"]
+__all__ = ["ExperimentConfig", "ExperimentResult", "StrategyRun", "load_experiment",
+           "run_experiment"]
 
 log = logging.getLogger(__name__)
 
 DATASET_KINDS = ("medmnist", "image-folder", "synthetic")
-#: Strategies ``fedrad simulate`` can run today.
-STRATEGIES = ("fedavg",)
 BASELINES = ("pooled", "local")
 
 _TOP_KEYS = ("name", "dataset", "sites", "partition", "strategies", "baselines", "settings",
-             "seed", "workers")
+             "seed", "workers", "profiles")
+_PROFILE_KEYS = tuple(f.replace("_", "-") for f in ScannerProfile.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    """One federated run of an experiment: its label and its full settings."""
+
+    label: str
+    settings: Settings
 _DATASET_KEYS = ("kind", "path", "images-per-site", "max-train-per-site", "max-test")
 _PARTITION_KEYS = ("scheme", "alpha", "min-per-site")
 
@@ -89,7 +109,7 @@ class ExperimentConfig:
     scheme: str = "label-skew"
     alpha: float = 0.5
     min_per_site: int | None = None
-    strategies: list[str] = field(default_factory=lambda: ["fedavg"])
+    strategies: list[StrategyRun] = field(default_factory=list)
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     settings: Settings = field(default_factory=load_settings)
     seed: int = 0
@@ -97,6 +117,7 @@ class ExperimentConfig:
     images_per_site: int = 240
     max_train_per_site: int | None = None
     max_test: int | None = None
+    profiles: tuple[ScannerProfile, ...] = DEFAULT_PROFILES
 
 
 @dataclass
@@ -135,6 +156,72 @@ def _int_or_none(key: str, value: Any, minimum: int = 1) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"'{key}' must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _strategy_runs(value: Any, base: Settings, overrides: Mapping[str, Any]) -> list[StrategyRun]:
+    """``strategies:`` entries -> one :class:`StrategyRun` each (settings checked now)."""
+    items = [value] if isinstance(value, (str, dict)) else list(value or [])
+    if not items:
+        raise ConfigError("'strategies' is empty; list at least one of " + ", ".join(STRATEGIES))
+    parsed: list[tuple[str, dict[str, Any]]] = []
+    for item in items:
+        if isinstance(item, dict) and len(item) == 1:
+            name, extra = next(iter(item.items()))
+            if extra is not None and not isinstance(extra, dict):
+                raise ConfigError(f"'strategies' entry {name}: its settings must be a mapping "
+                                  f"like {{proximal-mu: 0.1}}, got {extra!r}")
+            extra = dict(extra or {})
+        elif isinstance(item, str):
+            name, extra = item, {}
+        else:
+            raise ConfigError(f"'strategies' entries are names or {{name: {{settings}}}}; got "
+                              f"{item!r}")
+        if name not in STRATEGIES:
+            close = difflib.get_close_matches(str(name), STRATEGIES, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"'strategies' lists {name!r};{hint} accepted: "
+                              + ", ".join(STRATEGIES))
+        parsed.append((str(name), extra))
+    names = [n for n, _ in parsed]
+    runs = []
+    for name, extra in parsed:
+        changes: dict[str, Any] = {"strategy": name, **extra, **overrides}
+        if name in ROBUST_STRATEGIES and "secure-aggregation" not in changes:
+            changes["secure-aggregation"] = False
+        try:
+            settings = base.replace(**{k.replace("-", "_"): v for k, v in changes.items()})
+        except ConfigError as err:
+            raise ConfigError(f"'strategies' entry {name}: {err.message}") from None
+        label = name
+        if names.count(name) > 1:
+            label += "(" + ",".join(f"{k}={v}" for k, v in extra.items()) + ")"
+        if label in [r.label for r in runs]:
+            raise ConfigError(f"'strategies' lists {label} twice with the same settings")
+        runs.append(StrategyRun(label, settings))
+    return runs
+
+
+def _profiles(value: Any) -> tuple[ScannerProfile, ...]:
+    if value is None:
+        return DEFAULT_PROFILES
+    if not isinstance(value, list) or not value:
+        raise ConfigError("'profiles' must be a non-empty list of scanner profiles "
+                          "(mappings with name, manufacturer, noise-std, ...)")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"'profiles' entry {i + 1} must be a mapping, got {item!r}")
+        _check_keys(f"profiles[{i + 1}]", item, _PROFILE_KEYS)
+        if "name" not in item or "manufacturer" not in item:
+            raise ConfigError(f"'profiles' entry {i + 1} needs a name and a manufacturer")
+        try:
+            out.append(ScannerProfile(**{k.replace("-", "_"): v for k, v in item.items()}))
+        except ConfigError as err:
+            raise ConfigError(f"'profiles' entry {i + 1}: {err.message}") from None
+        except TypeError:
+            raise ConfigError(f"'profiles' entry {i + 1}: a value has the wrong type "
+                              "(numbers for noise-std, contrast, bits-stored...)") from None
+    return tuple(out)
 
 
 def load_experiment(path: str | os.PathLike[str], *,
@@ -196,6 +283,7 @@ def load_experiment(path: str | os.PathLike[str], *,
     settings = load_settings({**defaults, **settings_raw, "seed": seed})
     if settings.min_sites > sites:
         settings = settings.replace(min_sites=sites)
+    strategies = _strategy_runs(raw.get("strategies", ["fedavg"]), settings, overrides or {})
     return ExperimentConfig(
         name=str(raw.get("name") or file.stem),
         kind=kind,
@@ -204,7 +292,7 @@ def load_experiment(path: str | os.PathLike[str], *,
         scheme=scheme,
         alpha=float(alpha),
         min_per_site=_int_or_none("partition.min-per-site", partition.get("min-per-site")),
-        strategies=_choice_list("strategies", raw.get("strategies", ["fedavg"]), STRATEGIES),
+        strategies=strategies,
         baselines=_choice_list("baselines", raw.get("baselines", list(BASELINES)), BASELINES),
         settings=settings,
         seed=seed,
@@ -214,6 +302,7 @@ def load_experiment(path: str | os.PathLike[str], *,
         max_train_per_site=_int_or_none("dataset.max-train-per-site",
                                         dataset.get("max-train-per-site")),
         max_test=_int_or_none("dataset.max-test", dataset.get("max-test")),
+        profiles=_profiles(raw.get("profiles")),
     )
 
 
@@ -226,14 +315,20 @@ def _write_federation(cfg: ExperimentConfig, root: Path):  # noqa: ANN202 - a Fe
         return generate_synthetic_federation(
             root, num_sites=cfg.sites, images_per_site=cfg.images_per_site,
             image_size=max(128, cfg.settings.image_size), seed=cfg.seed, workers=cfg.workers,
-            overwrite=True)
+            profiles=cfg.profiles, overwrite=True)
     source: Any = cfg.path
     if cfg.kind == "image-folder":
         source = load_image_folder(cfg.path, seed=cfg.seed)
     return write_medmnist_federation(
         source, root, num_sites=cfg.sites, alpha=cfg.alpha, scheme=cfg.scheme, seed=cfg.seed,
         min_per_site=cfg.min_per_site, max_train_per_site=cfg.max_train_per_site,
-        max_test=cfg.max_test, workers=cfg.workers, overwrite=True, test_profile=ORIGINAL_PIXELS)
+        max_test=cfg.max_test, workers=cfg.workers, overwrite=True, profiles=cfg.profiles,
+        test_profile=ORIGINAL_PIXELS)
+
+
+def _folder(label: str) -> str:
+    """A strategy label as a folder name (``fedprox(mu=0.1)`` -> ``fedprox_mu_0.1``)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in label).strip("_")
 
 
 def _headline(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,6 +359,15 @@ def _train_schedule(settings: Settings, images: np.ndarray, labels: np.ndarray,
             weight_decay=settings.weight_decay, device=device, amp=settings.amp,
             channels_last=settings.channels_last, seed=settings.seed + r + 1)
     return model
+
+
+def _save_model(model: Any, settings: Settings, path: Path) -> None:
+    """A baseline's model in the checkpoint form ``fedrad evaluate`` and ``predict`` read."""
+    from fedrad.server.checkpoint import atomic_torch_save
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"round": settings.num_server_rounds, "state_dict": state,
+                       "run_config": settings.to_run_config()}, path)
 
 
 def _score(model: Any, settings: Settings, cache: Any, device: Any) -> dict[str, Any]:
@@ -324,10 +428,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *,
     device = select_device("auto")
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[float]] = {}
-    for strategy in cfg.strategies:
-        settings = base.replace(out_dir=str(out / strategy), central_eval_dir=central_dir)
+    classes = {"num_classes": base.num_classes, "class_names": base.class_names}
+    for run in cfg.strategies:
+        strategy = run.label
+        settings = run.settings.replace(out_dir=str(out / _folder(strategy)),
+                                        central_eval_dir=central_dir, **classes)
         reports: list[RoundReport] = []
-        say(f"[{strategy}] {settings.num_server_rounds} rounds over {len(sites)} sites")
+        say(f"[{strategy}] {settings.num_server_rounds} rounds over {len(sites)} sites"
+            + ("" if settings.secure_aggregation else ", secure aggregation off"))
         t0 = time.perf_counter()
         run_in_simulation(make_server_app(settings, on_round=reports.append),
                           make_client_app(sites, threads=1), num_sites=len(sites))
@@ -347,6 +455,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *,
         labels = np.concatenate([p[1] for p in parts])
         say(f"[pooled] training on all {len(labels)} site training images together")
         model = _train_schedule(base, images, labels, device)
+        _save_model(model, base, out / "pooled" / "model-latest.pt")
         rows.append({"name": "pooled", "kind": "baseline",
                      "seconds": round(time.perf_counter() - t0, 1),
                      **_headline(_score(model, base, central, device))})

@@ -29,7 +29,17 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("partition: {scheme: iid, alpah: 1}\n", "Unknown key 'partition.alpah'"),
         ("partition: {scheme: dirichlet}\n", "'partition.scheme' is 'dirichlet'"),
         ("partition: {alpha: 0}\n", "'partition.alpha' must be a number > 0"),
-        ("strategies: [fedsgd]\n", "'strategies' lists 'fedsgd'; accepted: fedavg"),
+        ("strategies: [fedsgd]\n", "'strategies' lists 'fedsgd';.*accepted: fedavg, fedprox"),
+        ("strategies: [{fedprox: {proximal-mu: -1}}]\n",
+         "'strategies' entry fedprox: 'proximal-mu' must be >= 0"),
+        ("strategies: [{fedprox: {proximal-mu: 0.1}}, {fedprox: {proximal-mu: 0.1}}]\n",
+         "lists fedprox\\(proximal-mu=0.1\\) twice"),
+        ("strategies: [{median: {secure-aggregation: true}}]\n",
+         "entry median: 'strategy' median needs each site's own update"),
+        ("strategies: []\n", "'strategies' is empty"),
+        ("profiles: [{name: a, manufacturer: b, noise: 0.1}]\n",
+         "Unknown key 'profiles\\[1\\].noise'.*Did you mean 'noise-std'"),
+        ("profiles: [{name: a, manufacturer: b, bits-stored: 9}]\n", "bits_stored=9"),
         ("dataset: {kind: medmnist, path: nowhere.npz}\n", "is not a MedMNIST .npz"),
         ("dataset: {kind: image-folder, path: nowhere}\n", "is not a folder of class"),
         ("dataset: {kind: dicom}\n", "'dataset.kind' is 'dicom'"),
@@ -48,6 +58,23 @@ def test_shipped_experiment_files_load() -> None:
     for path in sorted((ROOT / "simulations" / "experiments").glob("*.yaml")):
         cfg = load_experiment(path)
         assert cfg.path is not None and cfg.path.exists(), path
+
+
+def test_strategy_entries_carry_their_settings(tmp_path: Path) -> None:
+    cfg = load_experiment(_write(tmp_path, (
+        "strategies: [fedavg, {fedprox: {proximal-mu: 0.1}}, {fedprox: {proximal-mu: 1.0}},"
+        " fedadam, median]\nsettings: {num-server-rounds: 4}\n"
+        "profiles: [{name: a, manufacturer: Acme, photometric: MONOCHROME1}]\n")),
+        overrides={"local-epochs": "2"})
+    labels = [r.label for r in cfg.strategies]
+    assert labels == ["fedavg", "fedprox(proximal-mu=0.1)", "fedprox(proximal-mu=1.0)",
+                      "fedadam", "median"]
+    by = {r.label: r.settings for r in cfg.strategies}
+    assert by["fedprox(proximal-mu=1.0)"].proximal_mu == 1.0
+    assert by["fedprox(proximal-mu=1.0)"].strategy == "fedprox"
+    assert all(s.num_server_rounds == 4 and s.local_epochs == 2 for s in by.values())
+    assert by["fedadam"].secure_aggregation and not by["median"].secure_aggregation
+    assert [p.photometric for p in cfg.profiles] == ["MONOCHROME1"]
 
 
 def test_impossible_partition_fails_before_training(tmp_path: Path) -> None:
