@@ -2,7 +2,9 @@
 
 The ServerApp keeps ``<out-dir>/status.json`` up to date (written atomically at every step
 of every round): the run's phase, the current round and step, which sites were asked and
-which have answered, the last pooled and central metrics.  Its log also goes, one JSON
+which have answered, the last pooled and central metrics, and every fault of the run so far
+(``faults``: a site's error reply, an excluded reply, or a site asked in a step that sent
+no reply before ``round-timeout``).  Its log also goes, one JSON
 object a line, to ``<out-dir>/logs/server.jsonl``, which rotates at 5 MB (five old files
 kept), so a long study never fills the disk.
 
@@ -18,6 +20,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +43,8 @@ __all__ = [
 ]
 
 STATUS_FILE = "status.json"
+#: ``status.json`` keeps this many of the run's latest faults.
+MAX_FAULTS = 200
 LOG_FILE = Path("logs") / "server.jsonl"
 _HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "f1")
 
@@ -73,6 +78,7 @@ class StatusWriter:
             "asked": [],
             "answered": [],
             "failed": [],
+            "faults": [],
             "last-metrics": {},
             "started-at": time.time(),
             "updated-at": time.time(),
@@ -90,9 +96,28 @@ class StatusWriter:
         self._write()
 
     def replies(self, answered: Sequence[int | str], failed: Sequence[str] = ()) -> None:
-        """The step's replies are in: who answered, and each failure's text."""
-        self.state["answered"] = [str(a) for a in answered]
-        self.state["failed"] = [str(f) for f in failed]
+        """The step's replies are in: who answered, and each failure's text.
+
+        A site that was asked in this step, did not answer and is not named in ``failed``
+        sent no reply before the step's timeout (a straggler, or a site that died): it is
+        added to ``failed`` as such.  Every failure is also kept in the run's ``faults``.
+        """
+        answered = [str(a) for a in answered]
+        failed = [str(f) for f in failed]
+        step = self.state["step"]
+        failed += [f"{step}: node {node} sent no reply before the step's timeout "
+                   "(round-timeout); counted as dropped"
+                   for node in self.state["asked"]
+                   if node not in answered
+                   and not any(re.search(rf"\bnode {re.escape(node)}\b", f) for f in failed)]
+        self.state["answered"] = answered
+        self.state["failed"] = failed
+        faults = self.state.setdefault("faults", [])
+        for text in failed:
+            entry = {"round": self.state["round"], "step": step, "failure": text}
+            if not any(f["round"] == entry["round"] and f["failure"] == text for f in faults):
+                faults.append(entry)
+        del faults[:-MAX_FAULTS]
         self._write()
 
     def metrics(self, server_round: int, rows: Mapping[str, Mapping[str, Any]]) -> None:
@@ -215,6 +240,13 @@ def format_status(status: Mapping[str, Any], *, nodes: Sequence[Mapping[str, Any
                      + (f"; waiting for {', '.join(waiting)}" if waiting else ""))
     for failure in status.get("failed", []):
         lines.append(f"  failed: {failure}")
+    current = set(status.get("failed", []))
+    earlier = [f for f in status.get("faults", []) if f.get("failure") not in current]
+    if earlier:
+        lines.append(f"  earlier faults this run: {len(earlier)}"
+                     + (" (latest 5)" if len(earlier) > 5 else ""))
+        for fault in earlier[-5:]:
+            lines.append(f"    round {fault.get('round')}: {fault.get('failure')}")
     last = status.get("last-metrics") or {}
     if last:
         lines.append(f"  metrics after round {last.get('round')}:")

@@ -11,134 +11,25 @@ pooled metrics with the first run's (same caches, same seed): equal within quant
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from _federation import ROOT, LoopbackFederation, make_site_caches, metric_rows
 
-from fedrad.client.prepare import prepare_site
-from fedrad.common.config import load_settings
 from fedrad.server import certs
-from fedrad.simulations.synthetic import generate_synthetic_federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ROUNDS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def site_caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("deploy-sites")
-    federation = generate_synthetic_federation(
-        root / "dicom", num_sites=3, images_per_site=30, test_images=30, image_size=64, seed=3
-    )
-    settings = load_settings({"image-size": 32})
-    return [
-        prepare_site(site.dicom_dir, site.labels_csv, root / "cache" / site.site_id, settings,
-                     site_id=site.site_id).cache_dir
-        for site in federation.sites
-    ]
-
-
-class LoopbackFederation:
-    """Starts and stops the Flower processes of one test, logging each to a file."""
-
-    def __init__(self, tmp_path: Path, study: Path | None = None) -> None:
-        self.tmp = tmp_path
-        self.study = certs.StudyPaths(study) if study else None
-        self.port = _free_port()
-        self.logs = tmp_path / "logs"
-        self.logs.mkdir()
-        self.procs: list[subprocess.Popen] = []
-        home = tmp_path / "flwr-home"
-        home.mkdir()
-        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "PYTHONUNBUFFERED": "1",
-                    # the SuperLink and SuperNodes start flower-superexec / flwr-clientapp
-                    # by name: this interpreter's scripts come first
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        security = (f'root-certificates = "{self.study.ca_cert}"\n' if self.study
-                    else "insecure = true\n")
-        (home / "config.toml").write_text(
-            "[superlink]\ndefault = \"loopback\"\n\n"
-            f"[superlink.loopback]\naddress = \"127.0.0.1:{self.port}\"\n{security}"
-        )
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.tmp, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def start_superlink(self) -> None:
-        args = [str(BIN / "flower-superlink"), "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]
-        if self.study:
-            args += ["--ssl-ca-certfile", str(self.study.ca_cert),
-                     "--ssl-certfile", str(self.study.server_cert),
-                     "--ssl-keyfile", str(self.study.server_key), "--enable-supernode-auth"]
-        else:
-            args.append("--insecure")
-        link = self.start("superlink", args)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert link.poll() is None, self.diagnostics("the SuperLink exited early")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.3)
-        raise TimeoutError(self.diagnostics("the SuperLink did not open its port"))
-
-    def supernode_args(self, cache: Path, site_id: str, *, ca: Path | None = None,
-                       key: Path | None = None) -> list[str]:
-        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(_free_port()),
-                "--node-config", f'data-dir="{cache}" site-id="{site_id}"']
-        if self.study:
-            args += ["--root-certificates", str(ca or self.study.ca_cert)]
-            if key is not None:
-                args += ["--auth-supernode-private-key", str(key)]
-        else:
-            args.append("--insecure")
-        return args
-
-    def flwr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.tmp,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def diagnostics(self, headline: str, output: str = "") -> str:
-        parts = [headline, f"flwr output:\n{output[-4000:]}"]
-        for log_file in sorted(self.logs.iterdir()):
-            parts.append(f"{log_file.name}:\n{log_file.read_text()[-1500:]}")
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+    return make_site_caches(tmp_path_factory.mktemp("deploy-sites"), num_sites=3,
+                            images_per_site=30, test_images=30, image_size=64, cache_size=32,
+                            seed=3)
 
 
 def _run_and_check(fed: LoopbackFederation, out_dir: Path, *, secure: bool) -> dict:
@@ -161,17 +52,12 @@ def _run_and_check(fed: LoopbackFederation, out_dir: Path, *, secure: bool) -> d
         # with secure aggregation the server never sees one site's counts
         assert (site in text) != secure, fed.diagnostics(f"{site} row (secure={secure})", output)
     assert (out_dir / "checkpoints" / f"round-{ROUNDS:03d}.pt").is_file()
-    rows = _metric_rows(out_dir)
+    rows = metric_rows(out_dir)
     pooled = [key for key in rows if key[1] == "pooled" and key[0] >= 1]
     assert len(pooled) == ROUNDS, fed.diagnostics("pooled rows", output)
     if secure:
         assert "secure aggregation: node" not in output, fed.diagnostics("exclusion", output)
     return json.loads(text)
-
-
-def _metric_rows(out_dir: Path) -> dict[tuple[int, str], dict[str, str]]:
-    with open(out_dir / "metrics.csv", newline="") as fh:
-        return {(int(r["round"]), r["scope"]): r for r in csv.DictReader(fh)}
 
 
 #: The plain run's outputs, for the secure run to compare with (same caches, same seed).
@@ -262,7 +148,7 @@ def _compare_with_plain(secure_out: Path) -> None:
             assert torch.allclose(secure[key], value, atol=1e-4, rtol=0), key
         else:
             assert torch.equal(secure[key], value), key
-    a, b = _metric_rows(_PLAIN["out"]), _metric_rows(secure_out)
+    a, b = metric_rows(_PLAIN["out"]), metric_rows(secure_out)
     for rnd in range(1, ROUNDS + 1):
         p, q = a[(rnd, "pooled")], b[(rnd, "pooled")]
         assert p["n"] == q["n"]  # exact integer sums of the counts
