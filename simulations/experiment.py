@@ -5,7 +5,7 @@ federated strategies to run and which baselines to compare them with::
 
     name: pneumonia-5-sites
     dataset:
-      kind: medmnist          # medmnist (.npz) | image-folder | synthetic
+      kind: medmnist          # medmnist (.npz) | image-folder | dicom | synthetic
       path: ../shared/data/pneumoniamnist/pneumoniamnist.npz
     sites: 5
     partition:
@@ -71,6 +71,7 @@ from fedrad.common.training import predict_scores, select_device, train_local
 from fedrad.server.server_app import RoundReport, make_server_app
 
 from .demo import MEDMNIST_DEFAULTS, ORIGINAL_PIXELS, SYNTHETIC_DEFAULTS, prepare_federation
+from .dicom_folder import load_dicom_folder
 from .dicom_writer import DEFAULT_PROFILES, ScannerProfile
 from .engine import run_in_simulation
 from .partition import SCHEMES
@@ -80,7 +81,7 @@ __all__ = ["ExperimentConfig", "ExperimentResult", "StrategyRun", "load_experime
 
 log = logging.getLogger(__name__)
 
-DATASET_KINDS = ("medmnist", "image-folder", "synthetic")
+DATASET_KINDS = ("medmnist", "image-folder", "dicom", "synthetic")
 BASELINES = ("pooled", "local")
 
 _TOP_KEYS = ("name", "dataset", "sites", "partition", "strategies", "baselines", "settings",
@@ -265,6 +266,18 @@ def load_experiment(path: str | os.PathLike[str], *,
             raise ConfigError(
                 f"'dataset.path' {data_path} is not a folder of class sub-folders "
                 "(kind: image-folder)")
+        if kind == "dicom":
+            if "partition" in raw:
+                raise ConfigError("'partition' does not apply to dataset.kind=dicom: the sites "
+                                  "are the folders of dataset.path; remove it")
+            found = load_dicom_folder(data_path)  # checks the layout now
+            if found.test is None:
+                raise ConfigError(f"'dataset.path' {data_path} has no test/ folder: kind dicom "
+                                  "needs the central test set every model is scored on")
+            if "sites" in raw and raw["sites"] != len(found.sites):
+                raise ConfigError(f"'sites' is {raw['sites']!r} but {data_path} holds "
+                                  f"{len(found.sites)} site folders; remove 'sites' or fix it")
+            raw = {**raw, "sites": len(found.sites)}
     partition = raw.get("partition") or {}
     if not isinstance(partition, dict):
         raise ConfigError("'partition' must be a mapping with 'scheme' and 'alpha'")
@@ -316,6 +329,9 @@ def _write_federation(cfg: ExperimentConfig, root: Path):  # noqa: ANN202 - a Fe
             root, num_sites=cfg.sites, images_per_site=cfg.images_per_site,
             image_size=max(128, cfg.settings.image_size), seed=cfg.seed, workers=cfg.workers,
             profiles=cfg.profiles, overwrite=True)
+    if cfg.kind == "dicom":
+        names = cfg.settings.classes if cfg.settings.class_names else None
+        return load_dicom_folder(cfg.path, class_names=names)
     source: Any = cfg.path
     if cfg.kind == "image-folder":
         source = load_image_folder(cfg.path, seed=cfg.seed)

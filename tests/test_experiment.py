@@ -42,7 +42,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("profiles: [{name: a, manufacturer: b, bits-stored: 9}]\n", "bits_stored=9"),
         ("dataset: {kind: medmnist, path: nowhere.npz}\n", "is not a MedMNIST .npz"),
         ("dataset: {kind: image-folder, path: nowhere}\n", "is not a folder of class"),
-        ("dataset: {kind: dicom}\n", "'dataset.kind' is 'dicom'"),
+        ("dataset: {kind: dcm}\n", "'dataset.kind' is 'dcm'"),
+        ("dataset: {kind: dicom, path: nowhere}\n", "is not a folder \\(kind: dicom\\)"),
         ("sites: 0\n", "'sites' must be an integer >= 1"),
         ("settings: {num-server-round: 2}\n", "Unknown setting 'num-server-round'"),
         ("- a list\n", "must hold a mapping"),
@@ -109,3 +110,29 @@ def test_small_synthetic_experiment_end_to_end(tmp_path: Path) -> None:
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "pooled" in result.output and "fedavg" in result.output
+
+
+def test_dicom_folders_are_the_sites(tmp_path: Path) -> None:
+    from fedrad.simulations.experiment import _write_federation
+    from fedrad.simulations.synthetic import generate_synthetic_federation
+
+    root = tmp_path / "hospitals"
+    written = generate_synthetic_federation(root, num_sites=2, images_per_site=6, image_size=64,
+                                            seed=1)
+    (root / "federation.json").unlink(missing_ok=True)  # plain folders, no manifest
+    cfg = load_experiment(_write(tmp_path, f"dataset: {{kind: dicom, path: {root}}}\n"))
+    assert cfg.sites == 2
+    federation = _write_federation(cfg, tmp_path / "unused")
+    assert [s.site_id for s in federation.sites] == ["site-1", "site-2"]
+    assert federation.test is not None and federation.test.num_images > 0
+    for got, made in zip(federation.sites, written.sites, strict=True):
+        assert got.num_images == made.num_images and got.class_counts == made.class_counts
+    assert len(federation.class_names) == 2
+    with pytest.raises(ConfigError, match="'sites' is 3 but .* holds 2 site folders"):
+        load_experiment(_write(tmp_path, f"dataset: {{kind: dicom, path: {root}}}\nsites: 3\n"))
+    with pytest.raises(ConfigError, match="'partition' does not apply"):
+        load_experiment(_write(tmp_path, f"dataset: {{kind: dicom, path: {root}}}\n"
+                                         "partition: {scheme: iid}\n"))
+    (root / "site-2" / "labels.csv").unlink()
+    with pytest.raises(ConfigError, match="site-2 has no labels.csv"):
+        load_experiment(_write(tmp_path, f"dataset: {{kind: dicom, path: {root}}}\n"))
