@@ -1,0 +1,440 @@
+"""Simulation scale: seconds per round, peak memory and federated overhead for N sites.
+
+For every site count (``--sites 5,10,20,50``) and aggregation mode (``--secure``, the
+default setting of fedrad, and/or ``--plain``, ``secure-aggregation=false``), one child
+process runs fedrad's federated training through Flower's simulation engine
+(:func:`fedrad.simulations.engine.run_in_simulation` with ``make_server_app`` and
+``make_client_app``): ResNet-18 at 28 px, ``--rounds`` rounds, every site training one
+local epoch on its own prepared cache and then scoring the new global model on its
+held-out split.  The caches are written once from PneumoniaMNIST (IID, ``--images-per-site``
+images each, as DICOM with the sites' scanner profiles, then ``prepare_site`` exactly as in
+``fedrad demo``) under ``--cache-root`` (``/tmp/fedrad-scale``) and reused by later runs.
+
+Columns
+-------
+``s/round``
+    Wall seconds per round after the first (the mean of rounds 2..R: the first round also
+    starts the Ray actors and imports torch in them; it is shown as ``round 1``).
+``local``
+    The same work without Flower, measured in the same child on the same caches and
+    settings: the sites' local training (``train_on_site``) and evaluation
+    (``evaluate_on_site``, the very functions the ClientApp calls) of all N sites, run
+    by a pool of as many worker processes as the simulation has Ray actors (one per core,
+    one torch thread each: two at a time on 2 cores, as the simulation does), each site
+    one task.  Seconds per round, after one warm-up round.
+``overhead``
+    ``s/round / local``: what Flower, the messages (a 45 MB model to and from every site),
+    aggregation, secure aggregation's extra trips and the server's checkpoint add.
+``peak MB``
+    Peak proportional set size (PSS, from ``/proc/PID/smaps_rollup``; shared pages such as
+    Ray's object store and the memory-mapped caches are split among the processes that map
+    them, so the sum is not inflated) of the whole process tree during the simulation: the
+    driver, the GCS and raylet, and every Ray worker and actor; sampled every 0.5 s.
+    ``RSS MB`` sums RSS over the same tree (shared pages counted once per process);
+    ``driver`` is the peak PSS of the driver alone (the ServerApp, Flower's in-memory
+    SuperLink state holding every message and reply, and the Ray driver).
+``procs``
+    The most processes seen in the tree at once (how many Ray workers/actors there were).
+``CPU s/rd``
+    CPU seconds of the whole tree per round (rounds 2..R), against the local baseline's
+    CPU seconds per round (``local CPU``); ``CPU ovh`` is their ratio, the overhead in
+    work done, which a machine shared with other jobs distorts far less than wall time.
+
+Usage (fedrad must be importable)::
+
+    python benchmarks/simulation_scale.py                           # 5,10,20,50 sites, secure
+    python benchmarks/simulation_scale.py --sites 5 --rounds 2 --images-per-site 40  # quick
+    python benchmarks/simulation_scale.py --sites 10 --secure --plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist/pneumoniamnist.npz"
+if not DEFAULT_DATA.is_file():
+    DEFAULT_DATA = Path("/work/shared/data/pneumoniamnist/pneumoniamnist.npz")
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (Ray's GCS, raylet and workers are among them)."""
+    children = _children_map()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return rss, pss
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class TreeSampler(threading.Thread):
+    """Samples PSS, RSS and CPU time of a process tree in the background."""
+
+    def __init__(self, root: int | None = None, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.root = root or os.getpid()
+        self.interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.cpu_first: dict[int, int] = {}
+        self.cpu_last: dict[int, int] = {}
+        self.own_cpu = 0.0  # CPU seconds the sampling thread itself used (in the driver)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new phase: peaks and CPU counters from now on."""
+        with self._lock:
+            self.peak_pss = self.peak_rss = self.peak_procs = self.peak_root_pss = 0
+            self.cpu_first, self.cpu_last = {}, {}
+            self._new_phase = True
+        self.sample()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by the tree since :meth:`reset` (as last sampled)."""
+        self.sample()
+        with self._lock:
+            ticks = sum(self.cpu_last[p] - self.cpu_first.get(p, 0) for p in self.cpu_last)
+        return ticks / _CLK
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        pss = rss = procs = root_pss = 0
+        cpu: dict[int, int] = {}
+        for pid in process_tree(self.root):
+            try:
+                r, p = _memory_kb(pid)
+                cpu[pid] = _cpu_ticks(pid)
+            except (OSError, ValueError):
+                continue
+            rss, pss, procs = rss + r, pss + p, procs + 1
+            if pid == self.root:
+                root_pss = p
+        with self._lock:
+            for pid, ticks in cpu.items():
+                # processes alive at reset count from there; later ones from their birth
+                self.cpu_first.setdefault(pid, ticks if self._new_phase else 0)
+                self.cpu_last[pid] = ticks
+            self._new_phase = False
+            self.peak_pss = max(self.peak_pss, pss)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_procs = max(self.peak_procs, procs)
+            self.peak_root_pss = max(self.peak_root_pss, root_pss)
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+            self.own_cpu = time.thread_time()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# --------------------------------------------------------------------------- the caches
+
+
+def prepare_caches(num_sites: int, images_per_site: int, root: Path, data: Path,
+                   seed: int = 0) -> tuple[dict[int, Any], int, list[str]]:
+    """Write and prepare ``num_sites`` IID PneumoniaMNIST sites (reused when present)."""
+    from fedrad.client.client_app import SiteContext
+    from fedrad.common.config import load_settings
+    from fedrad.simulations.demo import MEDMNIST_DEFAULTS, prepare_federation
+    from fedrad.simulations.medmnist import write_medmnist_federation
+
+    where = root / f"{num_sites}-sites-{images_per_site}"
+    done = where / "caches.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        sites = {int(k): SiteContext(site_id=v[0], data_dir=Path(v[1]))
+                 for k, v in saved["sites"].items()}
+        return sites, saved["num_classes"], saved["class_names"]
+    federation = write_medmnist_federation(
+        data, where / "dicom", num_sites=num_sites, scheme="iid", seed=seed,
+        max_train_per_site=images_per_site, max_test=16, workers=2, overwrite=True)
+    base = load_settings({**MEDMNIST_DEFAULTS, "min-sites": 1,
+                          "num-classes": len(federation.class_names),
+                          "class-names": ",".join(federation.class_names)})
+    _, sites, _ = prepare_federation(federation, where / "caches", base, workers=1,
+                                     say=lambda s: None)
+    done.write_text(json.dumps({
+        "sites": {k: [s.site_id, str(s.data_dir)] for k, s in sites.items()},
+        "num_classes": len(federation.class_names),
+        "class_names": list(federation.class_names),
+    }))
+    return sites, len(federation.class_names), list(federation.class_names)
+
+
+# --------------------------------------------------------------------------- the baseline
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _baseline_init(state: dict[str, Any], run_config: dict[str, Any]) -> None:
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedrad.common.config import load_settings
+
+    torch.set_num_threads(1)
+    _WORKER_STATE["arrays"] = ArrayRecord(state)
+    _WORKER_STATE["settings"] = load_settings(run_config)
+
+
+def _baseline_site(task: tuple[Any, int]) -> float:
+    """One site's local round without Flower: train, then evaluate (what the ClientApp runs)."""
+    site, server_round = task
+    from fedrad.client.client_app import evaluate_on_site, train_on_site
+
+    arrays, settings = _WORKER_STATE["arrays"], _WORKER_STATE["settings"]
+    started = time.perf_counter()
+    train_on_site(arrays, settings, site, server_round)
+    evaluate_on_site(arrays, settings, site)
+    return time.perf_counter() - started
+
+
+def run_baseline(sites: dict[int, Any], settings: Any, workers: int, rounds: int,
+                 sampler: TreeSampler) -> dict[str, float]:
+    """Seconds and CPU seconds per round of all sites' local work, ``workers`` at a time.
+
+    The global model reaches each worker once (not timed); every round then trains and
+    evaluates every site from it, one site per task, as the simulation's actors do.
+    """
+    import multiprocessing as mp
+
+    from fedrad.server.server_app import initial_model
+
+    state = initial_model(settings).state_dict()
+    walls, cpus = [], []
+    with mp.get_context("spawn").Pool(workers, initializer=_baseline_init,
+                                      initargs=(state, settings.to_run_config())) as pool:
+        for server_round in range(1, max(rounds, 2) + 1):
+            tasks = [(sites[k], server_round) for k in sorted(sites)]
+            sampler.reset()
+            started = time.perf_counter()
+            pool.map(_baseline_site, tasks, chunksize=1)
+            walls.append(time.perf_counter() - started)
+            cpus.append(sampler.cpu_seconds())
+    timed = slice(1, None)  # the first round warms up the workers (imports, cache opening)
+    return {"s_per_round": statistics.mean(walls[timed]),
+            "cpu_per_round": statistics.mean(cpus[timed]),
+            "peak_pss_mb": sampler.peak_pss / 1024}
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One site count and mode, in this (child) process; returns the measurements."""
+    import torch
+    from flwr.serverapp import ServerApp
+
+    from fedrad.client.client_app import make_client_app
+    from fedrad.common.config import load_settings
+    from fedrad.server.server_app import run_federation
+    from fedrad.simulations.demo import MEDMNIST_DEFAULTS
+    from fedrad.simulations.engine import run_in_simulation, simulation_backend_config
+
+    n = args.one_sites
+    secure = args.one_mode == "secure"
+    sites, num_classes, class_names = prepare_caches(n, args.images_per_site,
+                                                     Path(args.cache_root), Path(args.data_path))
+    out_dir = Path(args.cache_root) / "runs" / f"{n}-{args.one_mode}"
+    settings = load_settings({
+        **MEDMNIST_DEFAULTS, "num-server-rounds": args.rounds, "min-sites": n,
+        "num-classes": num_classes, "class-names": ",".join(class_names),
+        "secure-aggregation": secure, "out-dir": str(out_dir), "central-eval-dir": "",
+        "local-epochs": args.local_epochs, "batch-size": args.batch_size,
+        **dict(_setting(kv) for kv in args.set),
+    })
+    sampler = TreeSampler()
+    sampler.start()
+
+    stamps: list[float] = []
+    answered: list[int] = []
+    failures: list[int] = []
+
+    cpu_stamps: list[float] = []
+
+    def on_round(report: Any) -> None:
+        stamps.append(time.perf_counter())
+        cpu_stamps.append(sampler.cpu_seconds() - sampler.own_cpu)
+        pooled = report.rows.get("pooled")
+        answered.append(int(pooled["n"]) if pooled else -1)
+        failures.append(len(report.failures))
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Any, context: Any) -> None:  # make_server_app's main, with a start stamp
+        stamps.append(time.perf_counter())
+        run_federation(grid, settings, on_round, run_id=context.run_id)
+
+    backend = simulation_backend_config(n)
+    actors = int(os.cpu_count() or 1) // int(backend["client_resources"]["num_cpus"])
+    torch.set_num_threads(int(os.cpu_count() or 1))
+    sampler.reset()
+    started = time.perf_counter()
+    run_in_simulation(server_app, make_client_app(sites, threads=1), num_sites=n)
+    total = time.perf_counter() - started
+    sim_cpu = sampler.cpu_seconds()
+    sim = {"peak_pss_mb": sampler.peak_pss / 1024, "peak_rss_mb": sampler.peak_rss / 1024,
+           "driver_pss_mb": sampler.peak_root_pss / 1024,
+           "procs": sampler.peak_procs}
+    rounds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    round_cpu = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:], strict=False)]  # rounds 2..R
+    result: dict[str, Any] = {
+        "sites": n, "mode": args.one_mode, "rounds_done": len(rounds), "total_s": total,
+        "startup_s": stamps[0] - started if stamps else float("nan"),
+        "round_s": rounds, "eval_examples": answered,
+        "failures": failures, **sim,
+        "cpu_s": sim_cpu, "sampler_cpu_s": sampler.own_cpu,
+        "cpu_per_round": statistics.mean(round_cpu) if round_cpu else float("nan"),
+    }
+    steady = rounds[1:] or rounds
+    result["s_per_round"] = statistics.mean(steady) if steady else float("nan")
+    if not args.no_baseline:
+        base = run_baseline(sites, settings, max(actors, 1), 2, sampler)
+        result["local_s"] = base["s_per_round"]
+        result["local_cpu_s"] = base["cpu_per_round"]
+        result["local_peak_pss_mb"] = base["peak_pss_mb"]
+        result["overhead"] = result["s_per_round"] / base["s_per_round"]
+    sampler.stop()
+    return result
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _row(r: dict[str, Any]) -> str:
+    first = r["round_s"][0] if r["round_s"] else float("nan")
+    return (f"{r['sites']:>5} {r['mode']:>6} {r['rounds_done']:>3} {r['startup_s']:>8.1f} "
+            f"{first:>8.1f} {r['s_per_round']:>8.2f} {r.get('local_s', float('nan')):>7.2f} "
+            f"{r.get('overhead', float('nan')):>8.2f} {r['peak_pss_mb']:>8.0f} "
+            f"{r['peak_rss_mb']:>7.0f} {r.get('driver_pss_mb', float('nan')):>7.0f} "
+            f"{r['procs']:>5} {r['cpu_per_round']:>8.1f} "
+            f"{r.get('local_cpu_s', float('nan')):>9.1f} "
+            f"{r['cpu_per_round'] / r.get('local_cpu_s', float('nan')):>7.2f}")
+
+
+HEADER = (f"{'sites':>5} {'mode':>6} {'rds':>3} {'start s':>8} {'round 1':>8} {'s/round':>8} "
+          f"{'local':>7} {'overhead':>8} {'peak MB':>8} {'RSS MB':>7} {'driver':>7} {'procs':>5} "
+          f"{'CPU s/rd':>8} {'local CPU':>9} {'CPU ovh':>7}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", default="5,10,20,50", help="comma-separated site counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images-per-site", type=int, default=90,
+                        help="training+validation images per site (PneumoniaMNIST has 4,708 "
+                             "training images: 50 sites x 90 fit)")
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--secure", action="store_true", help="secure aggregation (default)")
+    parser.add_argument("--plain", action="store_true", help="secure-aggregation=false")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the local (no Flower) baseline and the overhead column")
+    parser.add_argument("--cache-root", default="/tmp/fedrad-scale")
+    parser.add_argument("--data-path", default=str(DEFAULT_DATA))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another run setting, e.g. --set secagg-degree=8 (repeatable)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--one-sites", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one_sites:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+
+    modes = [m for m, on in (("secure", args.secure), ("plain", args.plain)) if on] or ["secure"]
+    counts = [int(s) for s in args.sites.split(",") if s.strip()]
+    print(f"fedrad simulation scale: ResNet-18, 28 px, {args.rounds} rounds, "
+          f"{args.images_per_site} images/site, {args.local_epochs} local epoch(s), batch "
+          f"{args.batch_size}{''.join(' ' + kv for kv in args.set)}; "
+          f"{platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    results = []
+    print(HEADER, flush=True)
+    for n in counts:
+        for mode in modes:
+            child = [sys.executable, __file__, "--one-sites", str(n), "--one-mode", mode,
+                     "--rounds", str(args.rounds), "--images-per-site", str(args.images_per_site),
+                     "--local-epochs", str(args.local_epochs), "--batch-size",
+                     str(args.batch_size), "--cache-root", args.cache_root,
+                     "--data-path", args.data_path]
+            child += [f"--set={kv}" for kv in args.set]
+            child += ["--no-baseline"] if args.no_baseline else []
+            proc = subprocess.run(child, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(f"{n:>5} {mode:>6} FAILED (exit {proc.returncode}):\n"
+                      f"{proc.stderr[-3000:]}", flush=True)
+                continue
+            result = json.loads(lines[-1][len("RESULT "):])
+            results.append(result)
+            print(_row(result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
