@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from _federation import ROOT, LoopbackFederation, make_site_caches, metric_rows
+from _federation import free_port as _free_port  # noqa: F401 - other tests import it from here
 
 from fedrad.server import certs
 
