@@ -48,7 +48,7 @@ from fedrad.common.secagg.wire import (
     counts_to_vector,
     update_to_vector,
 )
-from fedrad.common.splits import train_val_split
+from fedrad.common.splits import site_split
 from fedrad.common.training import predict_scores, select_device, train_local
 
 from .secure_client import handle_query, mask_vector
@@ -119,7 +119,7 @@ def _load_site_cache(path: str) -> SiteCache:
 
 
 def _site_split(cache: SiteCache, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    return train_val_split(np.asarray(cache.labels), settings.val_fraction, seed=settings.seed)
+    return site_split(np.asarray(cache.labels), settings)
 
 
 def _check_cache(cache: SiteCache, settings: Settings, site: SiteContext) -> None:

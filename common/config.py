@@ -61,6 +61,11 @@ class Settings:
     val_fraction: float = field(default=0.2, metadata=_meta(
         "fraction of each site's cache held out for site-side evaluation",
         minimum=0.0, maximum=0.9))
+    cv_folds: int = field(default=0, metadata=_meta(
+        "k-fold cross-validation: each site's held-out split is fold cv-fold of cv-folds "
+        "stratified folds instead of val-fraction (0: off)", minimum=0))
+    cv_fold: int = field(default=0, metadata=_meta(
+        "k-fold cross-validation: which fold (0 to cv-folds - 1) is held out", minimum=0))
     min_sites: int = field(default=2, metadata=_meta(
         "fewest sites that must answer for a round to count", minimum=1))
     fraction_train: float = field(default=1.0, metadata=_meta(
@@ -244,6 +249,10 @@ def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any)
             f"'secagg-degree' must be even (or 0 for every other site); got "
             f"{settings.secagg_degree}"
         )
+    if settings.cv_folds == 1 or (settings.cv_folds and settings.cv_fold >= settings.cv_folds):
+        raise ConfigError(
+            f"'cv-folds' must be 0 (off) or at least 2, and 'cv-fold' below it; got "
+            f"cv-folds={settings.cv_folds}, cv-fold={settings.cv_fold}")
     if settings.secagg_threshold == 1:
         raise ConfigError("'secagg-threshold' must be 0 (automatic) or at least 2; got 1")
     if settings.strategy in ROBUST_STRATEGIES and settings.secure_aggregation:

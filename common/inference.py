@@ -12,7 +12,8 @@ what the federation trained.
 (:mod:`fedrad.common.heatmaps`), timing each stage.  With heatmaps on, one forward pass
 serves both: the *model* stage is the forward pass that also records what the heatmap needs
 (the explained layer's activations and the autograd graph for Grad-CAM, the attention
-weights for the transformer), the *heatmap* stage the backward pass or the rollout.  A file that cannot be decoded gives a
+weights for the transformer), the *heatmap* stage the backward pass or the rollout.  A file
+that cannot be decoded gives a
 :class:`Prediction` carrying its :class:`~fedrad.common.dicom.DicomError` reason code; the
 other files carry on.
 

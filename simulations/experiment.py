@@ -18,6 +18,7 @@ federated strategies to run and which baselines to compare them with::
     baselines: [pooled, local]
     profiles:                 # optional scanner profiles, cycled over the sites
       - {name: site-a, manufacturer: Acme, noise-std: 0.01, photometric: MONOCHROME1}
+    folds: 5                  # optional k-fold cross-validation of the sites' hold-out
     settings:                 # fedrad run settings (see fedrad.common.config)
       num-server-rounds: 10
 
@@ -66,7 +67,7 @@ from fedrad.common.config import ROBUST_STRATEGIES, STRATEGIES, Settings, load_s
 from fedrad.common.errors import ConfigError, FedradError
 from fedrad.common.metrics import count_outcomes, pooled_metrics
 from fedrad.common.models import model_from_settings
-from fedrad.common.splits import train_val_split
+from fedrad.common.splits import site_split
 from fedrad.common.training import predict_scores, select_device, train_local
 from fedrad.server.server_app import RoundReport, make_server_app
 
@@ -85,7 +86,7 @@ DATASET_KINDS = ("medmnist", "image-folder", "dicom", "synthetic")
 BASELINES = ("pooled", "local")
 
 _TOP_KEYS = ("name", "dataset", "sites", "partition", "strategies", "baselines", "settings",
-             "seed", "workers", "profiles")
+             "seed", "workers", "profiles", "folds")
 _PROFILE_KEYS = tuple(f.replace("_", "-") for f in ScannerProfile.__dataclass_fields__)
 
 
@@ -119,6 +120,7 @@ class ExperimentConfig:
     max_train_per_site: int | None = None
     max_test: int | None = None
     profiles: tuple[ScannerProfile, ...] = DEFAULT_PROFILES
+    folds: int = 0
 
 
 @dataclass
@@ -200,6 +202,15 @@ def _strategy_runs(value: Any, base: Settings, overrides: Mapping[str, Any]) -> 
             raise ConfigError(f"'strategies' lists {label} twice with the same settings")
         runs.append(StrategyRun(label, settings))
     return runs
+
+
+def _folds(value: Any) -> int:
+    if value is None or value == 0:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"'folds' must be an integer >= 2 (k-fold cross-validation) or 0 "
+                          f"(off), got {value!r}")
+    return value
 
 
 def _profiles(value: Any) -> tuple[ScannerProfile, ...]:
@@ -316,6 +327,7 @@ def load_experiment(path: str | os.PathLike[str], *,
                                         dataset.get("max-train-per-site")),
         max_test=_int_or_none("dataset.max-test", dataset.get("max-test")),
         profiles=_profiles(raw.get("profiles")),
+        folds=_folds(raw.get("folds")),
     )
 
 
@@ -396,7 +408,7 @@ def _score(model: Any, settings: Settings, cache: Any, device: Any) -> dict[str,
 def _site_train_split(site: SiteContext, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
     cache = load_cache(site.data_dir)
     labels = np.asarray(cache.labels)
-    train_idx, _ = train_val_split(labels, settings.val_fraction, seed=settings.seed)
+    train_idx, _ = site_split(labels, settings)
     return np.asarray(cache.images[train_idx]), labels[train_idx]
 
 
@@ -423,28 +435,19 @@ def _plot(curves: Mapping[str, list[float]], flat: Mapping[str, float], out: Pat
     plt.close(fig)
 
 
-def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *,
-                   say: Callable[[str], None] = log.info) -> ExperimentResult:
-    """Run every strategy and baseline of ``cfg``; write results under ``out_dir``."""
-    started = time.perf_counter()
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    say(f"Experiment {cfg.name}: {cfg.sites} sites from {cfg.path or 'synthetic phantoms'}")
-    federation = _write_federation(cfg, out / "sites")
-    say(federation.description)
-    base = cfg.settings
-    if len(federation.class_names) != base.num_classes or not base.class_names:
-        base = base.replace(num_classes=len(federation.class_names),
-                            class_names=",".join(federation.class_names))
-    _, sites, central_dir = prepare_federation(federation, out / "caches", base,
-                                               workers=cfg.workers, say=say)
-    if not central_dir:
-        raise FedradError("no-test-set", "the federation has no central test set to score on")
-    central = load_cache(central_dir)
+def _run_fold(cfg: ExperimentConfig, base: Settings, sites: Mapping[int, SiteContext],
+              central: Any, central_dir: str, out: Path, say: Callable[[str], None],
+              ) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, float]]:
+    """Every strategy and baseline on one split of the sites' data (one fold, or the only one).
+
+    Returns the result rows, the federated runs' central AUC per round and the baselines'
+    central AUC (the flat lines of the comparison plot).
+    """
     device = select_device("auto")
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[float]] = {}
-    classes = {"num_classes": base.num_classes, "class_names": base.class_names}
+    classes = {"num_classes": base.num_classes, "class_names": base.class_names,
+               "cv_folds": base.cv_folds, "cv_fold": base.cv_fold}
     for run in cfg.strategies:
         strategy = run.label
         settings = run.settings.replace(out_dir=str(out / _folder(strategy)),
@@ -489,6 +492,69 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *,
             local_aucs.append(rows[-1]["auc"])
             say(f"[local {site.site_id}] central AUC {rows[-1]['auc']:.4f}")
         flat["local (mean)"] = float(np.mean(local_aucs))
+    return rows, curves, flat
+
+
+def _fold_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per strategy or baseline: the mean and standard deviation over the folds."""
+    out = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        summary: dict[str, Any] = {"name": name, "kind": mine[0]["kind"], "fold": "mean",
+                                   "seconds": round(sum(r["seconds"] for r in mine), 1)}
+        for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if values:
+                summary[key] = float(np.mean(values))
+                summary[f"{key}-sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out.append(summary)
+    return out
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *,
+                   say: Callable[[str], None] = log.info) -> ExperimentResult:
+    """Run every strategy and baseline of ``cfg``; write results under ``out_dir``.
+
+    With ``folds: k`` every strategy and baseline runs once per fold (each site's held-out
+    split is that fold), under ``out_dir/fold-N``; ``results`` add a mean and standard
+    deviation row per strategy and baseline, and the curves are the folds' mean.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"Experiment {cfg.name}: {cfg.sites} sites from {cfg.path or 'synthetic phantoms'}")
+    federation = _write_federation(cfg, out / "sites")
+    say(federation.description)
+    base = cfg.settings
+    if len(federation.class_names) != base.num_classes or not base.class_names:
+        base = base.replace(num_classes=len(federation.class_names),
+                            class_names=",".join(federation.class_names))
+    _, sites, central_dir = prepare_federation(federation, out / "caches", base,
+                                               workers=cfg.workers, say=say)
+    if not central_dir:
+        raise FedradError("no-test-set", "the federation has no central test set to score on")
+    central = load_cache(central_dir)
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[float]] = {}
+    flat: dict[str, float] = {}
+    for fold in range(cfg.folds) if cfg.folds else [None]:
+        if fold is None:
+            fold_base, fold_out = base, out
+        else:
+            say(f"cross-validation fold {fold + 1} of {cfg.folds}")
+            fold_base = base.replace(cv_folds=cfg.folds, cv_fold=fold)
+            fold_out = out / f"fold-{fold + 1}"
+        got = _run_fold(cfg, fold_base, sites, central, central_dir, fold_out, say)
+        for row in got[0]:
+            rows.append(row if fold is None else {**row, "fold": fold + 1})
+        for name, curve in got[1].items():
+            curves.setdefault(name, []).append(curve)
+        for name, value in got[2].items():
+            flat.setdefault(name, []).append(value)
+    curves = {k: [float(v) for v in np.mean(c, axis=0)] for k, c in curves.items()}
+    flat = {k: float(np.mean(v)) for k, v in flat.items()}
+    if cfg.folds:
+        rows.extend(_fold_summary(rows))
     (out / "results.json").write_text(json.dumps(
         {"name": cfg.name, "settings": base.to_run_config(), "rows": rows, "curves": curves},
         indent=2))

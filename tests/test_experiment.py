@@ -45,6 +45,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("dataset: {kind: dcm}\n", "'dataset.kind' is 'dcm'"),
         ("dataset: {kind: dicom, path: nowhere}\n", "is not a folder \\(kind: dicom\\)"),
         ("sites: 0\n", "'sites' must be an integer >= 1"),
+        ("folds: 1\n", "'folds' must be an integer >= 2"),
         ("settings: {num-server-round: 2}\n", "Unknown setting 'num-server-round'"),
         ("- a list\n", "must hold a mapping"),
     ],
@@ -136,3 +137,29 @@ def test_dicom_folders_are_the_sites(tmp_path: Path) -> None:
     (root / "site-2" / "labels.csv").unlink()
     with pytest.raises(ConfigError, match="site-2 has no labels.csv"):
         load_experiment(_write(tmp_path, f"dataset: {{kind: dicom, path: {root}}}\n"))
+
+
+@pytest.mark.slow
+def test_cross_validation_folds_and_the_same_numbers_twice(tmp_path: Path) -> None:
+    text = ("name: cv\ndataset: {kind: synthetic, images-per-site: 24}\nsites: 2\nfolds: 2\n"
+            "strategies: [fedavg]\nbaselines: [pooled]\n"
+            "settings: {num-server-rounds: 1, image-size: 32, batch-size: 16}\n")
+    results = []
+    for run in ("a", "b"):
+        cfg = load_experiment(_write(tmp_path, text))
+        result = run_experiment(cfg, tmp_path / run)
+        results.append(json.loads((result.out_dir / "results.json").read_text()))
+    rows = results[0]["rows"]
+    assert [(r["name"], r["fold"]) for r in rows] == [
+        ("fedavg", 1), ("pooled", 1), ("fedavg", 2), ("pooled", 2),
+        ("fedavg", "mean"), ("pooled", "mean")]
+    for name in ("fedavg", "pooled"):
+        per_fold = [r["auc"] for r in rows if r["name"] == name and r["fold"] != "mean"]
+        mean = next(r for r in rows if r["name"] == name and r["fold"] == "mean")
+        assert mean["auc"] == pytest.approx(sum(per_fold) / 2)
+        assert mean["auc-sd"] == pytest.approx(abs(per_fold[0] - per_fold[1]) / 2 ** 0.5)
+    assert (tmp_path / "a" / "fold-2" / "fedavg" / "model-latest.pt").is_file()
+    # fixed seeds: the second run gives the same numbers
+    for first, second in zip(rows, results[1]["rows"], strict=True):
+        for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
+            assert first[key] == pytest.approx(second[key], abs=1e-6), (first["name"], key)
