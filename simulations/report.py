@@ -56,7 +56,12 @@ import torch
 from fedrad.common.cache import SiteCache, load_cache
 from fedrad.common.config import Settings
 from fedrad.common.errors import ConfigError, FedradError
-from fedrad.common.heatmaps import compute_heatmaps, heatmap_grid_png, heatmap_method
+from fedrad.common.heatmaps import (
+    CAM_LAYERS,
+    compute_heatmaps,
+    heatmap_grid_png,
+    heatmap_method,
+)
 from fedrad.common.inference import plot_confusion, plot_roc, roc_curve_points
 from fedrad.common.metrics import (
     OutcomeCounts,
@@ -285,6 +290,25 @@ def perturb(images: np.ndarray, kind: str, severity: int, *, seed: int = 0) -> n
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+def _cam_grid(model: torch.nn.Module, model_name: str, x: torch.Tensor) -> tuple[int, int]:
+    """Spatial size of the layer Grad-CAM explains, for one input (``(0, 0)``: no CNN)."""
+    if model_name not in CAM_LAYERS:
+        return (0, 0)
+    layer = dict(model.named_modules())[CAM_LAYERS[model_name]]
+    shape: list[tuple[int, int]] = []
+    hook = layer.register_forward_hook(
+        lambda _m, _i, out: shape.append((int(out.shape[-2]), int(out.shape[-1]))))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(x[:1])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return shape[0]
+
+
 def _sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> list[int]:
     rng = np.random.default_rng([seed, 7])
     chosen: list[int] = []
@@ -412,6 +436,7 @@ td.l { text-align: left; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
 figure { margin: 0; } figcaption { font-size: 0.85em; color: #555; }
 img { max-width: 100%; }
+.grid img { max-width: 580px; }
 p.note { font-size: 0.9em; color: #444; }
 """
 
@@ -459,7 +484,7 @@ def write_report(
     rows: list[dict],
     device: str | torch.device = "auto",
     heatmaps_per_class: int = 2,
-    robustness_max_images: int | None = 1000,
+    robustness_max_images: int | None = 500,
     batch_size: int = 256,
 ) -> Path:
     """Write ``report.html`` (self-contained), ``report.json`` and the PNGs into ``out_dir``.
@@ -527,8 +552,7 @@ def write_report(
     classes = settings.classes
     binary = settings.num_classes == 2
     keys = _headline_keys(settings.num_classes)
-    home = {name: next(iter(m.parameters())).device if any(True for _ in m.parameters())
-            else torch.device("cpu") for name, m in models.items()}
+    home = {name: next(m.parameters(), torch.empty(0)).device for name, m in models.items()}
 
     def score(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
@@ -628,6 +652,7 @@ def write_report(
                        title=f"{name}: central test set (n = {sc.counts.n})")
     pngs["robustness"] = _plot_robustness(out / "robustness.png", robustness, list(models))
     heat_files: dict[str, Path] = {}
+    heat_note = ""
     chosen = _sample_per_class(central_labels, heatmaps_per_class, settings.seed) \
         if heatmaps_per_class > 0 else []
     method = heatmap_method(settings.model) if chosen else ""
@@ -639,6 +664,12 @@ def write_report(
         x = normalize_batch(torch.from_numpy(np.ascontiguousarray(central_images[chosen])),
                             dev)
         model.to(dev)
+        if not heat_note and _cam_grid(model, settings.model, x) == (1, 1):
+            heat_note = (f"Grad-CAM explains a 1x1 feature map ({CAM_LAYERS[settings.model]} at "
+                         f"{settings.image_size} px with stem {settings.stem}): these maps "
+                         "carry no spatial information; a larger image-size or the 'small' "
+                         "stem gives a real map.")
+            log.warning("report: %s", heat_note)
         maps = compute_heatmaps(model, settings.model, x, target=pred).cpu().numpy()
         titles = [f"true {classes[central_labels[i]]}\npred {classes[p]} "
                   f"p={sc.scores[i, p]:.2f}" for i, p in zip(chosen, pred, strict=True)]
@@ -736,16 +767,27 @@ def write_report(
                          for r in modality_table]))
 
     parts.append("<h2 id=\"errors\">6. Error analysis</h2>")
-    err_cols = [k for k in (site_errors or modality_errors)[0] if k not in
-                ("model", "site", "modality")] if (site_errors or modality_errors) else []
+    if binary:
+        parts.append(f"<p class=\"note\">Positive class: {html.escape(classes[1])}.</p>")
+        err_cols = ["n", "false positives", "false negatives"]
+
+        def err_cells(r: Mapping[str, Any]) -> list[Any]:
+            return [r[k] for k in err_cols]
+    else:
+        parts.append("<p class=\"note\">Misclassified images of each true class, as "
+                     "misclassified / images of that class.</p>")
+        err_cols = ["n", *classes]
+
+        def err_cells(r: Mapping[str, Any]) -> list[Any]:
+            return [r["n"], *(f"{r[f'{c} misclassified']} / {r[f'{c} n']}"
+                              if r[f"{c} n"] else "-" for c in classes)]
     parts.append("<h3>By site (held-out splits)</h3>")
     parts.append(_table(["model", "site", *err_cols],
-                        [[r["model"], r["site"], *(r[k] for k in err_cols)]
-                         for r in site_errors]) if site_errors else "<p>No site caches.</p>")
+                        [[r["model"], r["site"], *err_cells(r)] for r in site_errors])
+                 if site_errors else "<p>No site caches given.</p>")
     parts.append("<h3>By modality (central test set)</h3>")
     parts.append(_table(["model", "modality", *err_cols],
-                        [[r["model"], r["modality"], *(r[k] for k in err_cols)]
-                         for r in modality_errors]))
+                        [[r["model"], r["modality"], *err_cells(r)] for r in modality_errors]))
 
     parts.append("<h2 id=\"subgroups\">7. Subgroups (central test set)</h2>")
     if subgroup_table:
@@ -772,6 +814,8 @@ def write_report(
     if heat_files:
         parts.append(f"<p class=\"note\">{method}: the same {len(chosen)} images for every "
                      "model (a seeded sample per class), explaining the predicted class.</p>")
+        if heat_note:
+            parts.append(f"<p><strong>{html.escape(heat_note)}</strong></p>")
         parts.extend(_img(p, n) for n, p in heat_files.items())
     else:
         parts.append("<p>No heatmaps (heatmaps_per_class = 0).</p>")

@@ -360,3 +360,10 @@ def test_a_cache_of_other_classes_is_refused(binary, tmp_path):
                      models=binary["models"], central_dir=binary["central"],
                      site_dirs={"x": other}, histories={}, rows=[], device="cpu")
     assert info.value.code == "class-mismatch"
+
+
+def test_a_one_pixel_grad_cam_is_said_to_carry_no_spatial_information(binary, multiclass):
+    # ResNet-18 with the standard stem at 32 px ends in a 1x1 feature map
+    assert "carry no spatial information" in binary["report"].read_text()
+    assert "carry no spatial information" not in multiclass["report"].read_text()
+    assert "attention-rollout" in multiclass["report"].read_text()
