@@ -23,7 +23,7 @@ and the PNGs themselves:
 
 Tables: results as the experiment recorded them; AUC with its 95 % interval per model (and
 per class for more than two classes); each model on each site's held-out split (the split
-the sites evaluate on, :func:`~fedrad.common.splits.train_val_split`); per modality and per
+the sites evaluate on, :func:`~fedrad.common.splits.site_split`); per modality and per
 subgroup (sex, age band) on the central test set; errors (false positives and negatives,
 or misclassified images per true class) by site and by modality.  Every metric is
 :func:`~fedrad.common.metrics.pooled_metrics` of outcome counts, the numbers the server
@@ -70,7 +70,7 @@ from fedrad.common.metrics import (
     pooled_metrics,
 )
 from fedrad.common.models import model_from_settings
-from fedrad.common.splits import train_val_split
+from fedrad.common.splits import site_split
 from fedrad.common.training import normalize_batch, predict_scores, select_device
 from fedrad.server.evaluator import MetricsLog
 
@@ -575,7 +575,7 @@ def write_report(
     site_errors: list[dict[str, Any]] = []
     for site_id, cache in sites.items():
         labels = np.asarray(cache.labels)
-        _, val_idx = train_val_split(labels, settings.val_fraction, seed=settings.seed)
+        _, val_idx = site_split(labels, settings)
         images = np.asarray(cache.images[val_idx])
         log.info("report: scoring on site %s's held-out split (%d images)", site_id,
                  len(val_idx))
@@ -753,9 +753,10 @@ def write_report(
         _img(out / f"confusion-{_file_stem(n)}.png", n) for n in scored) + "</div>")
 
     parts.append("<h2 id=\"sites\">4. Per-site held-out splits</h2>")
-    parts.append(f"<p class=\"note\">Each model on the validation part of each site's cache "
-                 f"(val-fraction {settings.val_fraction}, seed {settings.seed}: the split the "
-                 f"sites evaluate on).{macro}</p>")
+    split = (f"fold {settings.cv_fold} of {settings.cv_folds}" if settings.cv_folds else
+             f"val-fraction {settings.val_fraction}")
+    parts.append(f"<p class=\"note\">Each model on the held-out part of each site's cache "
+                 f"({split}, seed {settings.seed}: the split the sites evaluate on).{macro}</p>")
     parts.append(_table(["model", "site", *metric_cols],
                         [[r["model"], r["site"], *(r[k] for k in metric_keys)]
                          for r in site_table]) if site_table else "<p>No site caches given.</p>")

@@ -367,3 +367,18 @@ def test_a_one_pixel_grad_cam_is_said_to_carry_no_spatial_information(binary, mu
     assert "carry no spatial information" in binary["report"].read_text()
     assert "carry no spatial information" not in multiclass["report"].read_text()
     assert "attention-rollout" in multiclass["report"].read_text()
+
+
+def test_with_cv_folds_sites_are_scored_on_their_held_out_fold(binary, tmp_path):
+    settings = binary["settings"].replace(cv_folds=2, cv_fold=1)
+    write_report(tmp_path, title="t", settings=settings,
+                 models={"fedavg": binary["models"]["fedavg"]}, central_dir=binary["central"],
+                 site_dirs=binary["sites"], histories={}, rows=[], device="cpu",
+                 heatmaps_per_class=0, robustness_max_images=4)
+    tables = json.loads((tmp_path / "report.json").read_text())
+    for row in tables["per_site"]:
+        labels = np.asarray(load_cache(binary["sites"][row["site"]]).labels)
+        _, val = train_val_split(labels, 0.3, seed=0, folds=2, fold=1)
+        assert row["n"] == len(val) == 10
+    assert "fold 1 of 2" in (tmp_path / "report.html").read_text()
+    assert {r["n"] for r in tables["robustness"]} == {4}
