@@ -114,5 +114,8 @@ def simulate(
               if "auc-ci-low" in row else "")
         cells = "".join(f"{row[k]:>8.4f}" if row[k] is not None else f"{'-':>8}"
                         for k in ("accuracy", "sensitivity", "specificity", "f1"))
-        console.print(f"{row['name']:<22}{row['auc']:>8.4f}{ci:>16}{cells}", highlight=False)
-    console.print(f"Outputs: {result.out_dir} (results.json, results.csv, comparison.png)")
+        name = row["name"] + (f" [fold {row['fold']}]" if "fold" in row else "")
+        console.print(f"{name:<22}{row['auc']:>8.4f}{ci:>16}{cells}", highlight=False)
+    report = ", report.html" if (result.out_dir / "report.html").is_file() else ""
+    console.print(f"Outputs: {result.out_dir} (results.json, results.csv, comparison.png"
+                  f"{report})")

@@ -19,6 +19,7 @@ federated strategies to run and which baselines to compare them with::
     profiles:                 # optional scanner profiles, cycled over the sites
       - {name: site-a, manufacturer: Acme, noise-std: 0.01, photometric: MONOCHROME1}
     folds: 5                  # optional k-fold cross-validation of the sites' hold-out
+    report: true              # report.html and its PNGs (default true)
     settings:                 # fedrad run settings (see fedrad.common.config)
       num-server-rounds: 10
 
@@ -42,7 +43,8 @@ baselines on the same caches with the same schedule (``num-server-rounds`` x
 * ``local``: each site alone, every model scored on the same central test set.
 
 Results: ``results.json`` and ``results.csv`` (one row per strategy / baseline, central
-test metrics with confidence intervals) and ``comparison.png`` (central AUC per round).
+test metrics with confidence intervals), ``comparison.png`` (central AUC per round) and
+``report.html`` with its PNGs (see :mod:`fedrad.simulations.report`).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ DATASET_KINDS = ("medmnist", "image-folder", "dicom", "synthetic")
 BASELINES = ("pooled", "local")
 
 _TOP_KEYS = ("name", "dataset", "sites", "partition", "strategies", "baselines", "settings",
-             "seed", "workers", "profiles", "folds")
+             "seed", "workers", "profiles", "folds", "report")
 _PROFILE_KEYS = tuple(f.replace("_", "-") for f in ScannerProfile.__dataclass_fields__)
 
 
@@ -121,6 +123,7 @@ class ExperimentConfig:
     max_test: int | None = None
     profiles: tuple[ScannerProfile, ...] = DEFAULT_PROFILES
     folds: int = 0
+    report: bool = True
 
 
 @dataclass
@@ -202,6 +205,12 @@ def _strategy_runs(value: Any, base: Settings, overrides: Mapping[str, Any]) -> 
             raise ConfigError(f"'strategies' lists {label} twice with the same settings")
         runs.append(StrategyRun(label, settings))
     return runs
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _folds(value: Any) -> int:
@@ -328,6 +337,7 @@ def load_experiment(path: str | os.PathLike[str], *,
         max_test=_int_or_none("dataset.max-test", dataset.get("max-test")),
         profiles=_profiles(raw.get("profiles")),
         folds=_folds(raw.get("folds")),
+        report=_flag("report", raw.get("report", True)),
     )
 
 
@@ -511,6 +521,32 @@ def _fold_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _write_report(cfg: ExperimentConfig, base: Settings, sites: Mapping[int, SiteContext],
+                  central_dir: str, out: Path, rows: list[dict[str, Any]],
+                  say: Callable[[str], None]) -> Path:
+    """``report.html`` from the final models (with folds: those of fold 1)."""
+    from fedrad.common.inference import load_checkpoint_model
+
+    from .report import write_report
+
+    first = out / "fold-1" if cfg.folds else out
+    runs = {r.label: first / _folder(r.label) for r in cfg.strategies}
+    if "pooled" in cfg.baselines:
+        runs["pooled"] = first / "pooled"
+    models = {name: load_checkpoint_model(folder / "model-latest.pt", device="cpu").model
+              for name, folder in runs.items()}
+    say("writing the report: final models on the central test set, the sites' hold-out, "
+        "perturbed images and heatmaps")
+    settings = base.replace(cv_folds=cfg.folds, cv_fold=0) if cfg.folds else base
+    path = write_report(
+        out, title=cfg.name, settings=settings, models=models, central_dir=Path(central_dir),
+        site_dirs={s.site_id: s.data_dir for s in sites.values()},
+        histories={r.label: runs[r.label] for r in cfg.strategies},
+        rows=[r for r in rows if r.get("fold") in (None, 1, "mean")])
+    say(f"report: {path}")
+    return path
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *,
                    say: Callable[[str], None] = log.info) -> ExperimentResult:
     """Run every strategy and baseline of ``cfg``; write results under ``out_dir``.
@@ -564,5 +600,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *,
         writer.writeheader()
         writer.writerows(rows)
     _plot(curves, flat, out / "comparison.png", f"{cfg.name}: central test AUC")
+    if cfg.report:
+        _write_report(cfg, base, sites, central_dir, out, rows, say)
     return ExperimentResult(out_dir=out, rows=rows, curves=curves,
                             seconds=time.perf_counter() - started)

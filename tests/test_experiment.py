@@ -46,6 +46,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("dataset: {kind: dicom, path: nowhere}\n", "is not a folder \\(kind: dicom\\)"),
         ("sites: 0\n", "'sites' must be an integer >= 1"),
         ("folds: 1\n", "'folds' must be an integer >= 2"),
+        ("report: maybe\n", "'report' must be true or false"),
         ("settings: {num-server-round: 2}\n", "Unknown setting 'num-server-round'"),
         ("- a list\n", "must hold a mapping"),
     ],
@@ -107,6 +108,9 @@ def test_small_synthetic_experiment_end_to_end(tmp_path: Path) -> None:
         assert row["auc-ci-low"] <= row["auc"] <= row["auc-ci-high"]
     # the federated row's final AUC is the last point of its curve
     assert data["rows"][0]["auc"] == pytest.approx(data["curves"]["fedavg"][-1])
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "fedavg" in html and "pooled" in html and "data:image/png;base64," in html
+    assert "report.html" in result.output
     assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 5
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -142,7 +146,7 @@ def test_dicom_folders_are_the_sites(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cross_validation_folds_and_the_same_numbers_twice(tmp_path: Path) -> None:
     text = ("name: cv\ndataset: {kind: synthetic, images-per-site: 24}\nsites: 2\nfolds: 2\n"
-            "strategies: [fedavg]\nbaselines: [pooled]\n"
+            "strategies: [fedavg]\nbaselines: [pooled]\nreport: false\n"
             "settings: {num-server-rounds: 1, image-size: 32, batch-size: 16}\n")
     results = []
     for run in ("a", "b"):
