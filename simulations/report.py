@@ -619,6 +619,7 @@ def write_report(
              "severities", len(rob_idx), len(PERTURBATIONS), 3)
     robustness: list[dict[str, Any]] = []
     for name, model in models.items():
+        log.info("report: robustness of %s", name)
         clean: dict[str, Any] | None = None
         for kind, (params, _) in PERTURBATIONS.items():
             for severity in range(len(params) + 1):
