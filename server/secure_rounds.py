@@ -507,7 +507,7 @@ class SecureRounds:
             self.train_metrics[inst.server_round] = {
                 "num-examples": float(round(total)), "train-loss": loss,
                 "sites": float(len(result.survivors)), "error-bound": result.error_bound}
-            log.info("round %d: secure FedAvg of %d sites (%d dropped), %d samples, loss "
+            log.info("round %d: secure weighted mean of %d sites (%d dropped), %d samples, loss "
                      "%.4f, quantisation bound %.2e", inst.server_round, len(result.survivors),
                      len(result.dropped), round(total), loss, result.error_bound)
             return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in new.items()})
