@@ -99,18 +99,36 @@ class LoopbackFederation:
         else:
             args.append("--insecure")
         link = self.start(name, args)
+        self.wait_port(self.port, link, "the SuperLink")
+        return link
+
+    def start_gateway(self) -> int:
+        """Start fedrad's Fleet-only gateway in front of the (TLS) SuperLink; its port."""
+        assert self.study is not None, "the gateway serves TLS: give the study"
+        port = free_port()
+        gateway = self.start("gateway", [
+            sys.executable, "-m", "fedrad.server.gateway", "--listen", f"127.0.0.1:{port}",
+            "--superlink", f"https://127.0.0.1:{self.port}",
+            "--ca-cert", str(self.study.ca_cert), "--certfile", str(self.study.server_cert),
+            "--keyfile", str(self.study.server_key)])
+        self.wait_port(port, gateway, "the gateway")
+        return port
+
+    def wait_port(self, port: int, proc: subprocess.Popen, what: str) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            assert link.poll() is None, self.diagnostics("the SuperLink exited early")
+            assert proc.poll() is None, self.diagnostics(f"{what} exited early")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return link
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
             time.sleep(0.3)
-        raise TimeoutError(self.diagnostics("the SuperLink did not open its port"))
+        raise TimeoutError(self.diagnostics(f"{what} did not open port {port}"))
 
     def supernode_args(self, cache: Path, site_id: str, *, ca: Path | None = None,
-                       key: Path | None = None, node_config: str = "") -> list[str]:
-        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                       key: Path | None = None, node_config: str = "",
+                       port: int | None = None) -> list[str]:
+        """``flower-supernode`` for one site, to the SuperLink (or ``port``, the gateway)."""
+        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port or self.port}",
                 "--port", str(free_port()),
                 "--node-config", f'data-dir="{cache}" site-id="{site_id}" {node_config}'.strip()]
         if self.study:

@@ -1,22 +1,27 @@
 """Faults with real Flower processes on loopback: a killed site, a straggler, a SuperLink restart.
 
-``test_killed_site_and_straggler``: three SuperNodes, ``min-sites=2``, plain FedAvg and a small
-``round-timeout``.  In round 1, site-3's SuperNode, SuperExec and ClientApp (one process
-group) are SIGKILLed while its ClientApp trains: the round goes on with site-1 and site-2 and
-status.json records site-3's node (the SuperLink's "Node Unavailable" error reply, or no reply
-before the timeout).  site-3 is started again at once (a new SuperNode, same cache and node
-config) and trains in round 2 (its egress log shows the round-2 training reply).  When round 2
-training starts, site-2's SuperExec and ClientApp are SIGSTOPped (its SuperNode keeps sending
-heartbeats: a slow site, not a dead one; stopping the ClientApp alone is not enough, Flower's
-SuperExec starts a new one when a ClientApp stops sending task heartbeats): the step ends after
-about ``round-timeout`` without it, status.json records it, and after SIGCONT it evaluates in
-round 2 again.
+``test_killed_site_and_straggler``: three SuperNodes with TLS and registered site keys,
+``min-sites=2``, plain FedAvg and a small ``round-timeout``.  In round 1, site-3's SuperNode,
+SuperExec and ClientApp (one process group) are SIGKILLed while its ClientApp trains: the round
+goes on with site-1 and site-2 and status.json records site-3's node (the SuperLink's "Node
+Unavailable" error reply once it misses its heartbeats, or no reply before the timeout).  site-3
+is started again at once and again every few seconds, as a service manager would: the SuperLink
+refuses a SuperNode whose node still counts as online (exit code 1, Flower code 305) until 60 s
+after the last heartbeat; then it gets its registered node back and trains in round 2 (its
+egress log shows the round-2 training reply).  When round 2 training starts, site-2's SuperExec
+and ClientApp are SIGSTOPped (its SuperNode keeps sending heartbeats: a slow site, not a dead
+one; stopping the ClientApp alone is not enough, Flower's SuperExec starts a new one when a
+ClientApp stops sending task heartbeats): the step ends after about ``round-timeout`` without
+it, status.json records it, and after SIGCONT it evaluates in round 2 again.
 
-``test_superlink_restart_and_resume``: the SuperLink keeps its state in a database
-(``--database``); after round 1 of 2 is saved, the SuperLink, its SuperExec and the ServerApp
-are SIGKILLed; the two SuperNodes (the same processes, started without ``--max-retries`` /
-``--max-wait-time``, so they retry for ever) reconnect to a new SuperLink on the same port and
-database, and ``flwr run`` with ``resume=true`` and the same out-dir runs round 2 only.
+``test_superlink_restart_and_resume``: deploy/README.md's setup (TLS, SuperNode
+authentication, the sites behind fedrad's gateway) with the SuperLink's state in a database
+(``--database``: registered keys and node ids survive it).  After round 1 of 2 is saved, the
+SuperLink, its SuperExec and the ServerApp (one process group) are SIGKILLed; the two
+SuperNodes (the same processes, started without ``--max-retries`` / ``--max-wait-time``, so
+they retry for ever; the gateway answers 502 meanwhile) reconnect to a new SuperLink on the
+same port and database, and ``flwr run`` with ``resume=true`` and the same out-dir runs
+round 2 only: two checkpoints, metrics rows for rounds 1 and 2.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pathlib import Path
 
 import pytest
 from _federation import BIN, ROOT, LoopbackFederation, make_site_caches, metric_rows
+
+from fedrad.server import certs
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +121,40 @@ def _egress(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _study_federation(tmp_path: Path, sites: int):
+    """TLS, SuperNode authentication and a SuperLink whose state survives it, as deployed."""
+    study = tmp_path / "study"
+    certs.init_study(study, server_names=["localhost"], server_ips=["127.0.0.1"])
+    keys = [certs.add_site(study, f"site-{i + 1}") for i in range(sites)]
+    fed = LoopbackFederation(tmp_path, study=study)
+    try:
+        fed.start_superlink(database=tmp_path / "superlink.db")
+        for key in keys:
+            reg = fed.flwr("supernode", "register", str(key.public_key), "loopback",
+                           timeout=120)
+            assert reg.returncode == 0, fed.diagnostics("register", reg.stdout + reg.stderr)
+    except BaseException:
+        fed.stop()
+        raise
+    return fed, keys
+
+
+def _restart(fed: LoopbackFederation, name: str, args: list[str],
+             run: subprocess.Popen) -> tuple[str, int]:
+    """Start a crashed site's SuperNode again and again, as its service manager would, until
+    the SuperLink accepts it: its node counts as online (and a new SuperNode with its key is
+    refused, exit code 1) until 2 heartbeat intervals (60 s) after the last heartbeat."""
+    for attempt in range(1, 30):
+        log = f"{name}-restart-{attempt}"
+        proc = fed.start(log, args)
+        _wait_for(f"{log} to connect or exit", lambda p=proc, n=log: p.poll() is not None
+                  or _node_id(fed, n), fed, 120, run)
+        if proc.poll() is None:
+            return log, attempt
+        time.sleep(3)
+    raise AssertionError(fed.diagnostics(f"{name} was never accepted again"))
+
+
 def _finish(fed: LoopbackFederation, run: subprocess.Popen, timeout: float) -> str:
     try:
         run.wait(timeout=timeout)
@@ -128,14 +169,13 @@ def _finish(fed: LoopbackFederation, run: subprocess.Popen, timeout: float) -> s
 @pytest.mark.timeout(1200)
 def test_killed_site_and_straggler(tmp_path: Path, site_caches: list[Path]) -> None:
     out = tmp_path / "run-out"
-    fed = LoopbackFederation(tmp_path)
-    site_args = {
-        f"site-{i + 1}": fed.supernode_args(
-            cache, f"site-{i + 1}", node_config=f'egress-log="{tmp_path}/egress-{i + 1}.jsonl"')
-        for i, cache in enumerate(site_caches)}
+    fed, keys = _study_federation(tmp_path, 3)
+    site_args = {key.site_id: fed.supernode_args(
+        cache, key.site_id, key=key.private_key,
+        node_config=f'egress-log="{tmp_path}/egress-{key.site_id}.jsonl"')
+        for cache, key in zip(site_caches, keys, strict=True)}
     stopped: list[int] = []
     try:
-        fed.start_superlink()
         sites = {name: fed.start(name, args) for name, args in site_args.items()}
         ids = {name: _wait_for(f"{name} to connect", lambda n=name: _node_id(fed, n), fed, 120)
                for name in sites}
@@ -148,9 +188,9 @@ def test_killed_site_and_straggler(tmp_path: Path, site_caches: list[Path]) -> N
         fed.kill(sites["site-3"])
         killed = time.monotonic()
         assert not _group(sites["site-3"], b"flwr-clientapp")
-        restarted = fed.start("site-3-restarted", site_args["site-3"])
-        _wait_for("round 1 evaluation", lambda: _at(out, 1, "evaluate"), fed, 300, run)
-        kill_step = time.monotonic() - killed
+        restarted, attempts = _restart(fed, "site-3", site_args["site-3"], run)
+        back = time.monotonic() - killed
+        assert _node_id(fed, restarted) == ids["site-3"]  # its registered key, its node
 
         # round 2: site-2's SuperExec and ClientApp stall, its SuperNode stays online
         _wait_for("round 2 training", lambda: _at(out, 2, "train"), fed, 600, run)
@@ -172,7 +212,8 @@ def test_killed_site_and_straggler(tmp_path: Path, site_caches: list[Path]) -> N
         _signal_all(stopped, signal.SIGCONT)
         fed.stop()
     assert all(p.poll() is not None for p in fed.procs)
-    print(f"\nkilled site: its step ended {kill_step:.0f} s after the kill; straggler step "
+    print(f"\nkilled site: accepted again {back:.0f} s after the kill ({attempts} starts); "
+          f"straggler step "
           f"{straggler_step:.0f} s (round-timeout {ROUND_TIMEOUT} s); run {total:.0f} s")
 
     faults = _status(out)["faults"]
@@ -191,9 +232,8 @@ def test_killed_site_and_straggler(tmp_path: Path, site_caches: list[Path]) -> N
     # the restarted site-3 and the straggler site-2 both evaluate in round 2
     assert {(2, f"site:site-{i}") for i in (1, 2, 3)} <= rows.keys(), rows.keys()
     assert (out / "checkpoints" / "round-002.pt").is_file()
-    assert restarted.poll() is not None  # stopped with the others
     rejoined = [(e["server-round"], e["message-type"])
-                for e in _egress(tmp_path / "egress-3.jsonl")]
+                for e in _egress(tmp_path / "egress-site-3.jsonl")]
     assert (2, "train") in rejoined, fed.diagnostics(f"site-3 sent {rejoined}", output)
     assert (1, "train") not in rejoined  # killed before it could answer
 
@@ -203,15 +243,17 @@ def test_superlink_restart_and_resume(tmp_path: Path, site_caches: list[Path]) -
     out = tmp_path / "run-out"
     database = tmp_path / "superlink.db"
     run_config = _run_config(out, 2)
-    fed = LoopbackFederation(tmp_path)
+    fed, keys = _study_federation(tmp_path, 2)
+    link = fed.procs[0]
     try:
-        link = fed.start_superlink(database=database)
-        sites = [fed.start(f"site-{i + 1}", fed.supernode_args(
-                     cache, f"site-{i + 1}",
-                     node_config=f'egress-log="{tmp_path}/egress-{i + 1}.jsonl"'))
-                 for i, cache in enumerate(site_caches[:2])]
-        for i in range(2):
-            _wait_for(f"site-{i + 1} to connect", lambda n=i: _node_id(fed, f"site-{n + 1}"),
+        # as in deploy/README.md: TLS, SuperNode authentication, the sites behind the gateway
+        gateway = fed.start_gateway()
+        sites = [fed.start(key.site_id, fed.supernode_args(
+                     cache, key.site_id, key=key.private_key, port=gateway,
+                     node_config=f'egress-log="{tmp_path}/egress-{key.site_id}.jsonl"'))
+                 for cache, key in zip(site_caches, keys, strict=False)]
+        for key in keys:
+            _wait_for(f"{key.site_id} to connect", lambda k=key: _node_id(fed, k.site_id),
                       fed, 120)
         started = time.monotonic()
         run = _launch(fed, run_config)
@@ -230,8 +272,10 @@ def test_superlink_restart_and_resume(tmp_path: Path, site_caches: list[Path]) -
         output = result.stdout + result.stderr
         assert result.returncode == 0, fed.diagnostics("resumed flwr run failed", output)
         assert "ServerApp raised an exception" not in output, fed.diagnostics("ServerApp", output)
-        # the same SuperNode processes served both runs
+        # the same SuperNode processes served both runs, after retrying through the outage
         assert all(s.poll() is None for s in sites), fed.diagnostics("a SuperNode exited")
+        for key in keys:
+            assert "Connection successful after" in (fed.logs / f"{key.site_id}.log").read_text()
         total = time.monotonic() - started
     finally:
         fed.stop()
@@ -245,11 +289,11 @@ def test_superlink_restart_and_resume(tmp_path: Path, site_caches: list[Path]) -
     pooled = [r for r, scope in metric_rows(out) if scope == "pooled" and r >= 1]
     assert sorted(pooled) == [1, 2]
     assert _status(out)["phase"] == "finished"
-    for i in (1, 2):
-        replies = _egress(tmp_path / f"egress-{i}.jsonl")
+    for key in keys:
+        replies = _egress(tmp_path / f"egress-{key.site_id}.jsonl")
         trained = {(e["server-round"], e["run-id"]) for e in replies
                    if e["message-type"] == "train"}
         first = {run_id for r, run_id in trained if r == 1}
         # round 1 in the first run, round 2 in the resumed one, from the same SuperNode
         assert len(first) == 1 and any(r == 2 and run_id not in first
-                                       for r, run_id in trained), (i, trained)
+                                       for r, run_id in trained), (key.site_id, trained)
