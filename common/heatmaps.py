@@ -7,6 +7,10 @@ higher where the evidence for the explained class is.  The method follows the mo
     Grad-CAM (Selvaraju et al., 2017) on the last convolutional block named in
     :data:`CAM_LAYERS`: the block's activations weighted by the spatial mean of the class
     score's gradient, summed over channels, ReLU, upsampled bilinearly to the input size.
+    On small inputs the last block's map can be 1x1 or 2x2 (ResNet at 28 px with the
+    standard stem: 1x1), which says nothing about where; :func:`cam_layer` then takes the
+    deepest earlier block of :data:`CAM_FALLBACKS` whose map is at least
+    :data:`MIN_CAM_SIDE` pixels a side.
 ``attention-rollout`` (vit_tiny)
     Attention rollout (Abnar and Zuidema, 2020): every encoder layer's attention, averaged
     over heads, mixed with the identity for the residual path (``0.5 A + 0.5 I``,
@@ -36,6 +40,9 @@ from .errors import ConfigError, FedradError
 
 __all__ = [
     "CAM_LAYERS",
+    "CAM_FALLBACKS",
+    "MIN_CAM_SIDE",
+    "cam_layer",
     "ATTENTION_MODELS",
     "heatmap_method",
     "grad_cam",
@@ -57,6 +64,15 @@ CAM_LAYERS: dict[str, str] = {
     "resnet50": "layer4",
     "densenet121": "features.norm5",
 }
+
+#: Earlier blocks Grad-CAM may explain instead when the last one's map is too small.
+CAM_FALLBACKS: dict[str, tuple[str, ...]] = {
+    "resnet18": ("layer3", "layer2", "layer1"),
+    "resnet50": ("layer3", "layer2", "layer1"),
+    "densenet121": ("features.denseblock3", "features.denseblock2", "features.denseblock1"),
+}
+#: The smallest side of a Grad-CAM map that still localises (see :func:`cam_layer`).
+MIN_CAM_SIDE = 4
 
 #: Registry models explained by attention rollout.
 ATTENTION_MODELS: frozenset[str] = frozenset({"vit_tiny"})
@@ -81,13 +97,51 @@ def heatmap_method(model_name: str) -> str:
     )
 
 
+def cam_layer(model: nn.Module, model_name: str, image_size: int) -> str:
+    """The block Grad-CAM explains for ``model`` at ``image_size`` px.
+
+    The last block of :data:`CAM_LAYERS`, unless its map is smaller than
+    :data:`MIN_CAM_SIDE` a side; then the deepest block of :data:`CAM_FALLBACKS` that
+    reaches it (the shallowest one when none does).  Found with one forward pass of a
+    blank image.
+    """
+    if model_name not in CAM_LAYERS:
+        heatmap_method(model_name)  # raises the clear error
+    candidates = (CAM_LAYERS[model_name], *CAM_FALLBACKS.get(model_name, ()))
+    modules = dict(model.named_modules())
+    sides: dict[str, int] = {}
+    hooks = [modules[name].register_forward_hook(
+        lambda _m, _i, out, name=name: sides.__setitem__(name, min(out.shape[-2:])))
+        for name in candidates if name in modules]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(1, 1, image_size, image_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for name in candidates:
+        if sides.get(name, 0) >= MIN_CAM_SIDE:
+            return name
+    return candidates[-1] if candidates[-1] in sides else candidates[0]
+
+
 def _normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each ``[H, W]`` map of ``[B, H, W]`` to [0, 1]; flat maps become 0."""
+    """Min-max scale each ``[H, W]`` map of ``[B, H, W]`` to [0, 1]; flat maps become 0.
+
+    A map whose spread is below float32 rounding of its values (a constant map upsampled
+    from 1x1, say) counts as flat, so rounding noise is never stretched into a pattern.
+    """
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values[:, None, None]
     hi = flat.max(dim=1).values[:, None, None]
     span = hi - lo
-    out = torch.where(span > 1e-12, (maps - lo) / span.clamp_min(1e-12), torch.zeros_like(maps))
+    scale = torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-30)
+    out = torch.where(span > 1e-5 * scale, (maps - lo) / span.clamp_min(1e-30),
+                      torch.zeros_like(maps))
     return out.clamp_(0.0, 1.0)
 
 
@@ -366,7 +420,8 @@ def compute_heatmaps(
     """
     method = heatmap_method(model_name)
     if method == "gradcam":
-        maps, _ = grad_cam(model, x, layer=CAM_LAYERS[model_name], target=target)
+        layer = cam_layer(model, model_name, int(x.shape[-1]))
+        maps, _ = grad_cam(model, x, layer=layer, target=target)
     else:
         maps, _ = attention_rollout(model, x)
     return maps

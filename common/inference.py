@@ -43,9 +43,9 @@ from .config import Settings, load_settings
 from .dicom import DicomError, decode_dicom
 from .errors import ConfigError, FedradError
 from .heatmaps import (
-    CAM_LAYERS,
     GradCam,
     attention_maps,
+    cam_layer,
     compute_heatmaps,
     heatmap_method,
     rollout_maps,
@@ -253,7 +253,8 @@ class Predictor:
         self.loaded = loaded
         self.heatmaps = heatmaps
         self.method = heatmap_method(loaded.name) if heatmaps else ""
-        self._cam = GradCam(loaded.model, CAM_LAYERS[loaded.name]) \
+        self._cam = GradCam(loaded.model, cam_layer(loaded.model, loaded.name,
+                                                    loaded.settings.image_size)) \
             if self.method == "gradcam" else None
         self.frame_policy = frame_policy
         self.voi_policy = voi_policy

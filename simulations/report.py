@@ -58,6 +58,8 @@ from fedrad.common.config import Settings
 from fedrad.common.errors import ConfigError, FedradError
 from fedrad.common.heatmaps import (
     CAM_LAYERS,
+    MIN_CAM_SIDE,
+    cam_layer,
     compute_heatmaps,
     heatmap_grid_png,
     heatmap_method,
@@ -290,13 +292,11 @@ def perturb(images: np.ndarray, kind: str, severity: int, *, seed: int = 0) -> n
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def _cam_grid(model: torch.nn.Module, model_name: str, x: torch.Tensor) -> tuple[int, int]:
-    """Spatial size of the layer Grad-CAM explains, for one input (``(0, 0)``: no CNN)."""
-    if model_name not in CAM_LAYERS:
-        return (0, 0)
-    layer = dict(model.named_modules())[CAM_LAYERS[model_name]]
+def _cam_grid(model: torch.nn.Module, layer: str, x: torch.Tensor) -> tuple[int, int]:
+    """Spatial size of ``layer``'s output (the one Grad-CAM explains) for one input."""
+    module = dict(model.named_modules())[layer]
     shape: list[tuple[int, int]] = []
-    hook = layer.register_forward_hook(
+    hook = module.register_forward_hook(
         lambda _m, _i, out: shape.append((int(out.shape[-2]), int(out.shape[-1]))))
     was_training = model.training
     try:
@@ -665,12 +665,20 @@ def write_report(
         x = normalize_batch(torch.from_numpy(np.ascontiguousarray(central_images[chosen])),
                             dev)
         model.to(dev)
-        if not heat_note and _cam_grid(model, settings.model, x) == (1, 1):
-            heat_note = (f"Grad-CAM explains a 1x1 feature map ({CAM_LAYERS[settings.model]} at "
-                         f"{settings.image_size} px with stem {settings.stem}): these maps "
-                         "carry no spatial information; a larger image-size or the 'small' "
-                         "stem gives a real map.")
-            log.warning("report: %s", heat_note)
+        if not heat_note and settings.model in CAM_LAYERS:
+            layer = cam_layer(model, settings.model, settings.image_size)
+            h, w = _cam_grid(model, layer, x)
+            if layer != CAM_LAYERS[settings.model]:
+                heat_note = (f"Grad-CAM explains {layer} ({h}x{w} map): at "
+                             f"{settings.image_size} px with stem {settings.stem} the last "
+                             f"block ({CAM_LAYERS[settings.model]}) is too coarse to show "
+                             "where the model looked.")
+            if min(h, w) < MIN_CAM_SIDE:
+                heat_note = (f"Grad-CAM explains a {h}x{w} feature map ({layer} at "
+                             f"{settings.image_size} px with stem {settings.stem}): these maps "
+                             "carry little spatial information; a larger image-size or the "
+                             "'small' stem gives a finer map.")
+                log.warning("report: %s", heat_note)
         maps = compute_heatmaps(model, settings.model, x, target=pred).cpu().numpy()
         titles = [f"true {classes[central_labels[i]]}\npred {classes[p]} "
                   f"p={sc.scores[i, p]:.2f}" for i, p in zip(chosen, pred, strict=True)]

@@ -178,3 +178,30 @@ def test_heatmap_grid_png_writes_a_figure(tmp_path):
         assert pic.format == "PNG" and pic.width > 300 and pic.height > 300
     with pytest.raises(ConfigError, match="as many"):
         heatmap_grid_png(tmp_path / "bad.png", images, heats[:2], ["a"])
+
+
+@pytest.mark.parametrize(("model_name", "size", "stem", "expected"), [
+    ("resnet18", 224, "standard", "layer4"),   # 7x7
+    ("resnet18", 64, "standard", "layer3"),    # layer4 2x2 -> layer3 4x4
+    ("resnet18", 28, "standard", "layer2"),    # layer4 1x1 -> layer2 4x4
+    ("resnet18", 32, "small", "layer4"),       # 4x4
+])
+def test_cam_layer_takes_the_deepest_block_that_still_localises(model_name, size, stem,
+                                                                expected) -> None:
+    from fedrad.common.heatmaps import cam_layer
+    from fedrad.common.models import get_model
+
+    model = get_model(model_name, num_classes=2, in_channels=1, image_size=size, stem=stem)
+    model.train()
+    assert cam_layer(model, model_name, size) == expected
+    assert model.training  # the probe leaves the mode as it was
+
+
+def test_a_constant_map_with_rounding_noise_is_flat() -> None:
+    from fedrad.common.heatmaps import _normalise
+
+    maps = torch.full((1, 8, 8), 3.0) + torch.randn(1, 8, 8) * 1e-7
+    assert torch.count_nonzero(_normalise(maps)) == 0
+    real = torch.zeros(1, 8, 8)
+    real[0, 2:4, 2:4] = 1.0
+    assert _normalise(real).max() == 1.0 and _normalise(real).min() == 0.0
