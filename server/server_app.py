@@ -168,6 +168,8 @@ class FedradFedAvg(FedAvg):
         self.round_failures: dict[int, list[str]] = {}
         self._nonces: dict[tuple[str, int], bytes] = {}
         self._sent: dict[int, ArrayRecord] = {}
+        #: the messages of each (step, round), to name the site of every missing reply
+        self._asked: dict[tuple[str, int], list[Message]] = {}
         #: rounds already completed by the run this one resumes (Flower counts from 1)
         self.round_offset = 0
         #: optional :class:`~fedrad.server.status.StatusWriter` shown by ``fedrad status``
@@ -177,11 +179,27 @@ class FedradFedAvg(FedAvg):
         """Record one failure of ``server_round`` (it reaches the round's report)."""
         self.round_failures.setdefault(server_round, []).append(text)
 
-    def _note_failures(self, server_round: int, kind: str, errors: list[Message]) -> None:
+    def _note_failures(self, server_round: int, kind: str, replies: list[Message],
+                       errors: list[Message]) -> None:
+        """Record error replies and sites that sent no reply before ``round-timeout``.
+
+        The SuperLink's own error replies (e.g. "Node Unavailable") come from node 1, the
+        SuperLink: they are named by the site the message was sent to.
+        """
+        asked = {m.metadata.message_id: m.metadata.dst_node_id
+                 for m in self._asked.pop((kind, server_round), [])}
         for msg in errors:
-            text = f"{kind}: node {msg.metadata.src_node_id} failed: {msg.error.reason}"
+            node = asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            text = f"{kind}: node {node} failed: {msg.error.reason}"
             self.note_failure(server_round, text)
             log.warning("round %d %s", server_round, text)
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for message_id, node in asked.items():
+            if message_id and message_id not in answered:
+                text = (f"{kind}: node {node} excluded: [no-reply] no reply before "
+                        f"round-timeout ({self.settings.round_timeout:g} s)")
+                self.note_failure(server_round, text)
+                log.warning("round %d %s", server_round, text)
 
     def _stamp(self, kind: str, server_round: int, messages: Iterable[Message]) -> list[Message]:
         nonce = os.urandom(16)
@@ -189,6 +207,7 @@ class FedradFedAvg(FedAvg):
         out = list(messages)
         for msg in out:
             msg.content[ECHO] = ConfigRecord({"server-round": server_round, "nonce": nonce})
+        self._asked[(kind, server_round)] = out  # the grid gives them their ids when sent
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -245,7 +264,7 @@ class FedradFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        self._note_failures(server_round, "train", errors)
+        self._note_failures(server_round, "train", replies, errors)
         valid = self._screen("train", server_round, valid)
         self._replies_in(server_round, valid)
         if len(valid) < self.settings.min_sites:
@@ -286,7 +305,7 @@ class FedradFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
-        self._note_failures(server_round, "evaluate", errors)
+        self._note_failures(server_round, "evaluate", replies, errors)
         valid = self._screen("evaluate", server_round, valid)
         self._replies_in(server_round, valid)
         per_site: list[tuple[str, OutcomeCounts]] = []

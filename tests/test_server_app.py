@@ -20,6 +20,7 @@ from flwr.app import (
 
 from fedrad.common.config import load_settings
 from fedrad.common.metrics import count_outcomes, counts_to_metrics, merge_counts, pooled_metrics
+from fedrad.common.secagg.wire import ECHO
 from fedrad.server.evaluator import MetricsLog
 from fedrad.server.server_app import FedradFedAvg
 
@@ -210,3 +211,31 @@ def test_plain_evaluate_rejects_a_reply_without_the_round_nonce(tmp_path: Path,
     assert strategy.metrics_log.round_rows(1)["pooled"]["n"] == 20
     assert result is not None
     assert any("[malformed]" in f for f in strategy.round_failures[1])
+
+
+def test_a_site_that_never_answers_is_recorded_and_superlink_errors_name_the_site(
+        tmp_path: Path, monkeypatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)  # what the ServerApp process sets
+    strategy = _strategy(tmp_path, min_sites=1)
+    sent = []
+    for node in (11, 12, 13):
+        msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                      message_type="train")
+        msg.metadata.__dict__["_message_id"] = f"m{node}"  # what the grid does when it sends
+        sent.append(msg)
+    strategy._stamp("train", 1, sent)
+    answered = _train_reply(11, np.ones((2,)), 1, 10, 0.5)
+    answered.metadata.__dict__["_reply_to_message_id"] = "m11"
+    answered.content[ECHO] = ConfigRecord({"server-round": 1,
+                                           "nonce": strategy._nonces[("train", 1)]})
+    unavailable = _reply(1, error=Error(code=0, reason="Error: Node Unavailable"))
+    unavailable.metadata.__dict__["_reply_to_message_id"] = "m12"  # the SuperLink answers
+    arrays, _ = strategy.aggregate_train(1, [answered, unavailable])
+    assert arrays is not None
+    failures = strategy.round_failures[1]
+    assert any("node 12 failed: Error: Node Unavailable" in f for f in failures), failures
+    assert any("node 13 excluded: [no-reply]" in f for f in failures), failures
+    assert not any("node 11" in f or "node 1 " in f for f in failures), failures
