@@ -521,6 +521,12 @@ def _fold_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _fold_label(fold: Any, folds: int) -> str:
+    if fold is None:
+        return ""
+    return f" (mean of {folds} folds)" if fold == "mean" else f" (fold {fold})"
+
+
 def _write_report(cfg: ExperimentConfig, base: Settings, sites: Mapping[int, SiteContext],
                   central_dir: str, out: Path, rows: list[dict[str, Any]],
                   say: Callable[[str], None]) -> Path:
@@ -542,7 +548,8 @@ def _write_report(cfg: ExperimentConfig, base: Settings, sites: Mapping[int, Sit
         out, title=cfg.name, settings=settings, models=models, central_dir=Path(central_dir),
         site_dirs={s.site_id: s.data_dir for s in sites.values()},
         histories={r.label: runs[r.label] for r in cfg.strategies},
-        rows=[r for r in rows if r.get("fold") in (None, 1, "mean")])
+        rows=[{**r, "name": r["name"] + _fold_label(r.get("fold"), cfg.folds)}
+              for r in rows if r.get("fold") in (None, 1, "mean")])
     say(f"report: {path}")
     return path
 

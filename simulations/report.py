@@ -720,7 +720,7 @@ def write_report(
     columns = ["name", "kind", "seconds", "AUC", "AUC 95 % CI", "accuracy", "sensitivity",
                "specificity", "F1"]
     parts.append(_table(columns, [[str(r.get("name", "")), str(r.get("kind", "")),
-                                   r.get("seconds"), r.get("auc"),
+                                   _fmt(r.get("seconds"), 0), r.get("auc"),
                                    f"{_fmt(r.get('auc-ci-low'))}-{_fmt(r.get('auc-ci-high'))}",
                                    r.get("accuracy"), r.get("sensitivity"),
                                    r.get("specificity"), r.get("f1")] for r in rows]))
