@@ -7,6 +7,7 @@ federated strategies to run and which baselines to compare them with::
     dataset:
       kind: medmnist          # medmnist (.npz) | image-folder | dicom | synthetic
       path: ../shared/data/pneumoniamnist/pneumoniamnist.npz
+      test-scanners: original # the central test set's pixels as given (or: sites)
     sites: 5
     partition:
       scheme: label-skew      # iid | label-skew | quantity-skew
@@ -98,7 +99,12 @@ class StrategyRun:
 
     label: str
     settings: Settings
-_DATASET_KEYS = ("kind", "path", "images-per-site", "max-train-per-site", "max-test")
+_DATASET_KEYS = ("kind", "path", "images-per-site", "max-train-per-site", "max-test",
+                 "test-scanners")
+#: ``dataset.test-scanners``: the central test set as the source pixels, or through the
+#: sites' scanner profiles (image by image, as a test set gathered at the sites would be).
+#: Default: ``original`` for MedMNIST and image folders, ``sites`` for synthetic phantoms.
+TEST_SCANNERS = ("original", "sites")
 _PARTITION_KEYS = ("scheme", "alpha", "min-per-site")
 
 
@@ -121,6 +127,7 @@ class ExperimentConfig:
     images_per_site: int = 240
     max_train_per_site: int | None = None
     max_test: int | None = None
+    test_scanners: str = "original"
     profiles: tuple[ScannerProfile, ...] = DEFAULT_PROFILES
     folds: int = 0
     report: bool = True
@@ -154,6 +161,12 @@ def _choice_list(key: str, value: Any, accepted: tuple[str, ...]) -> list[str]:
         if item not in accepted:
             raise ConfigError(f"'{key}' lists {item!r}; accepted: {', '.join(accepted)}")
     return items
+
+
+def _choice(key: str, value: Any, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise ConfigError(f"'{key}' is {value!r}; accepted: {', '.join(accepted)}")
+    return str(value)
 
 
 def _int_or_none(key: str, value: Any, minimum: int = 1) -> int | None:
@@ -335,6 +348,8 @@ def load_experiment(path: str | os.PathLike[str], *,
         max_train_per_site=_int_or_none("dataset.max-train-per-site",
                                         dataset.get("max-train-per-site")),
         max_test=_int_or_none("dataset.max-test", dataset.get("max-test")),
+        test_scanners=_choice("dataset.test-scanners", dataset.get(
+            "test-scanners", "sites" if kind == "synthetic" else "original"), TEST_SCANNERS),
         profiles=_profiles(raw.get("profiles")),
         folds=_folds(raw.get("folds")),
         report=_flag("report", raw.get("report", True)),
@@ -350,7 +365,8 @@ def _write_federation(cfg: ExperimentConfig, root: Path):  # noqa: ANN202 - a Fe
         return generate_synthetic_federation(
             root, num_sites=cfg.sites, images_per_site=cfg.images_per_site,
             image_size=max(128, cfg.settings.image_size), seed=cfg.seed, workers=cfg.workers,
-            profiles=cfg.profiles, overwrite=True)
+            profiles=cfg.profiles, overwrite=True,
+            test_profile=ORIGINAL_PIXELS if cfg.test_scanners == "original" else None)
     if cfg.kind == "dicom":
         names = cfg.settings.classes if cfg.settings.class_names else None
         return load_dicom_folder(cfg.path, class_names=names)
@@ -361,7 +377,7 @@ def _write_federation(cfg: ExperimentConfig, root: Path):  # noqa: ANN202 - a Fe
         source, root, num_sites=cfg.sites, alpha=cfg.alpha, scheme=cfg.scheme, seed=cfg.seed,
         min_per_site=cfg.min_per_site, max_train_per_site=cfg.max_train_per_site,
         max_test=cfg.max_test, workers=cfg.workers, overwrite=True, profiles=cfg.profiles,
-        test_profile=ORIGINAL_PIXELS)
+        test_profile=ORIGINAL_PIXELS if cfg.test_scanners == "original" else None)
 
 
 def _folder(label: str) -> str:

@@ -47,6 +47,8 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("sites: 0\n", "'sites' must be an integer >= 1"),
         ("folds: 1\n", "'folds' must be an integer >= 2"),
         ("report: maybe\n", "'report' must be true or false"),
+        ("dataset: {kind: synthetic, test-scanners: clean}\n",
+         "'dataset.test-scanners' is 'clean'; accepted: original, sites"),
         ("settings: {num-server-round: 2}\n", "Unknown setting 'num-server-round'"),
         ("- a list\n", "must hold a mapping"),
     ],
