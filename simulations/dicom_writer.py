@@ -64,6 +64,7 @@ __all__ = [
     "Federation",
     "available_transfer_syntaxes",
     "apply_profile",
+    "resample_to_detector",
     "write_dicom",
     "write_labels_csv",
     "read_labels_csv",
@@ -158,6 +159,11 @@ class ScannerProfile:
         ``"DX"`` (Digital X-Ray, for presentation) or ``"CR"`` (Computed Radiography).
     institution:
         DICOM InstitutionName, a fictitious hospital.
+    resolution:
+        The detector's sampling relative to the source image, in (0, 4]: 0.5 acquires half
+        the pixels a side (finer detail is lost; the site's preparation resizes to the run's
+        image size), 2 twice as many (interpolated).  The field of view stays the same, so
+        the pixel spacing follows.
     """
 
     name: str
@@ -174,6 +180,7 @@ class ScannerProfile:
     window_width: float | None = None
     modality: str = "DX"
     institution: str = "Synthetic General Hospital"
+    resolution: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -210,6 +217,11 @@ class ScannerProfile:
         if not (np.isfinite(self.rescale_slope) and self.rescale_slope > 0):
             raise ConfigError(
                 f"ScannerProfile {self.name!r}: rescale_slope={self.rescale_slope!r} must be > 0"
+            )
+        if not (np.isfinite(self.resolution) and 0.0 < self.resolution <= 4.0):
+            raise ConfigError(
+                f"ScannerProfile {self.name!r}: resolution={self.resolution!r} must be in (0, 4] "
+                "(the detector's pixels a side relative to the source image)"
             )
         if not np.isfinite(self.rescale_intercept):
             raise ConfigError(f"ScannerProfile {self.name!r}: rescale_intercept must be finite")
@@ -334,6 +346,26 @@ NEUTRAL_PROFILE = ScannerProfile(
     modality="DX",
     institution="Synthetic Reference Centre",
 )
+
+
+def resample_to_detector(image01: np.ndarray, resolution: float) -> np.ndarray:
+    """``image01`` sampled by a detector of ``resolution`` times its pixels a side.
+
+    Bilinear, after a box average when shrinking (so fine detail is averaged away as a
+    coarser detector would, not aliased); at least 1x1; values stay in [0, 1].
+    """
+    img = np.asarray(image01)
+    if resolution == 1.0 or img.ndim != 2:
+        return img
+    from scipy import ndimage
+
+    x = img.astype(np.float64)
+    if resolution < 1.0:
+        x = ndimage.uniform_filter(x, size=max(1, round(1.0 / resolution)), mode="nearest")
+    shape = tuple(max(1, round(n * resolution)) for n in x.shape)
+    out = ndimage.zoom(x, (shape[0] / x.shape[0], shape[1] / x.shape[1]), order=1,
+                       mode="nearest", grid_mode=True)
+    return np.clip(out, 0.0, 1.0).astype(img.dtype)
 
 
 def apply_profile(
@@ -495,6 +527,7 @@ def write_dicom(
                 f"extra: unknown DICOM keyword(s) {', '.join(map(repr, unknown))}; "
                 "use pydicom keywords such as 'PatientSex' or 'ImageComments'"
             )
+    image01 = resample_to_detector(image01, profile.resolution)
     shape = np.shape(image01)
     if profile.transfer_syntax.startswith("jpeg2000") and min(shape, default=0) < MIN_JPEG2000_SIZE:
         raise ConfigError(

@@ -413,8 +413,9 @@ def partition_non_iid(
 
 
 def _upscale_factor(side: int, profile: ScannerProfile) -> int:
-    if profile.transfer_syntax.startswith("jpeg2000") and side < MIN_JPEG2000_SIZE:
-        return math.ceil(MIN_JPEG2000_SIZE / side)
+    acquired = side * profile.resolution  # what the profile's detector will sample
+    if profile.transfer_syntax.startswith("jpeg2000") and round(acquired) < MIN_JPEG2000_SIZE:
+        return math.ceil(MIN_JPEG2000_SIZE / acquired)
     return 1
 
 

@@ -368,3 +368,32 @@ def test_synthetic_federation_checks_jpeg2000_size_early(tmp_path: Path) -> None
     assert not (tmp_path / "x").exists()
     fed = _small_federation(tmp_path / "y", image_size=24, profiles=DEFAULT_PROFILES[:2])
     assert fed.sites[0].num_images == 6
+
+
+def test_profile_resolution_resamples_like_a_coarser_detector(tmp_path: Path) -> None:
+    checker = (np.indices((64, 64)).sum(axis=0) % 2).astype(np.float32)  # 1-pixel detail
+    image = checker * 0.5 + 0.25
+    image[:, :32] *= 0.5  # and a coarse left/right difference
+    coarse = dataclasses.replace(NEUTRAL_PROFILE, name="coarse", noise_std=0.0, resolution=0.5)
+    full = dataclasses.replace(coarse, name="full", resolution=1.0)
+    a = pydicom.dcmread(write_dicom(tmp_path / "a.dcm", image, profile=coarse,
+                                    rng=np.random.default_rng(0)))
+    b = pydicom.dcmread(write_dicom(tmp_path / "b.dcm", image, profile=full,
+                                    rng=np.random.default_rng(0)))
+    assert (a.Rows, a.Columns) == (32, 32) and (b.Rows, b.Columns) == (64, 64)
+    assert float(a.PixelSpacing[0]) == pytest.approx(2 * float(b.PixelSpacing[0]), rel=1e-3)
+    px = a.pixel_array.astype(float)
+    right = px[4:-4, 20:-4]
+    assert right.std() < 0.05 * right.mean()  # the 1-pixel checkerboard is averaged away
+    assert px[:, :12].mean() < 0.7 * px[:, 20:].mean()  # the coarse difference stays
+    with pytest.raises(ConfigError, match="resolution=0.0 must be in \\(0, 4\\]"):
+        dataclasses.replace(NEUTRAL_PROFILE, name="bad", resolution=0.0)
+
+
+def test_jpeg2000_sites_upscale_for_what_their_detector_samples() -> None:
+    from fedrad.simulations.dicom_writer import MIN_JPEG2000_SIZE
+    from fedrad.simulations.medmnist import _upscale_factor
+
+    j2k = dataclasses.replace(NEUTRAL_PROFILE, name="j2k", transfer_syntax="jpeg2000-lossless")
+    assert _upscale_factor(64, j2k) == 1
+    assert _upscale_factor(64, dataclasses.replace(j2k, resolution=0.5)) * 32 >= MIN_JPEG2000_SIZE
