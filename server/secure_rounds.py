@@ -42,7 +42,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,8 @@ from fedrad.common.secagg.wire import (
     vector_to_update,
 )
 
-__all__ = ["SecureRounds", "auto_threshold", "check_masked_reply", "trips_per_run"]
+__all__ = ["ReplyStream", "SecureRounds", "auto_threshold", "check_masked_reply",
+           "trips_per_run"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,84 @@ def auto_threshold(neighbourhood: int) -> int:
 
 class ReplyRejected(FedradError):
     """A site's reply failed validation; ``code`` says why."""
+
+
+class ReplyStream:
+    """Push messages now; iterate over their replies as they arrive, each one once.
+
+    Flower's ``grid.send_and_receive`` returns only when every reply is in, so the server
+    would hold every site's reply (a whole model or masked vector each) at once.  This
+    pushes the messages (``grid.push_messages``) and polls ``grid.pull_messages`` for the
+    ones still pending, yielding ``(node, reply)`` as soon as a reply is pulled: the caller
+    folds it into a running sum and drops it, so the server's memory does not grow with
+    the number of sites.  Polling starts every :attr:`poll_start` seconds and backs off to
+    :attr:`poll_max` while nothing arrives.
+
+    Semantics are those of ``send_and_receive(messages, timeout=timeout)``: replies not
+    pulled within ``timeout`` seconds after the push are never yielded (the caller counts those
+    nodes as not answering, :meth:`missing`); a second reply to the same message is ignored,
+    and so is a reply to a message this stream did not send.  A grid without
+    ``push_messages`` (a test double) is asked through ``send_and_receive``.
+    """
+
+    poll_start = 0.005
+    poll_max = 0.1
+
+    def __init__(self, grid: Grid, messages: Iterable[Message], *,
+                 timeout: float | None) -> None:
+        messages = list(messages)
+        self._grid = grid
+        self._asked = [int(m.metadata.dst_node_id) for m in messages]
+        self._answered: list[int] = []
+        self._batch: Iterable[Message] | None = None
+        if hasattr(grid, "push_messages") and hasattr(grid, "pull_messages"):
+            ids = list(grid.push_messages(messages))
+        else:
+            self._batch = grid.send_and_receive(messages, timeout=timeout)
+            ids = [m.metadata.message_id for m in messages]
+        # as in send_and_receive, the timeout runs from the end of the push
+        self._deadline = math.inf if timeout is None else time.monotonic() + timeout
+        # a message the grid could not push has no id (None): its node never answers
+        self._pending = {str(mid): node for mid, node in zip(ids, self._asked, strict=False)
+                         if mid}
+
+    @property
+    def answered(self) -> list[int]:
+        """The nodes whose reply has been yielded, in arrival order."""
+        return list(self._answered)
+
+    def missing(self) -> list[int]:
+        """The nodes asked that have not answered (yet, or before the timeout)."""
+        done = set(self._answered)
+        return [n for n in self._asked if n not in done]
+
+    def _take(self, reply: Message) -> int | None:
+        return self._pending.pop(str(reply.metadata.reply_to_message_id), None)
+
+    def __iter__(self) -> Iterator[tuple[int, Message]]:
+        if self._batch is not None:
+            batch, self._batch = list(self._batch), None
+            while batch:
+                reply = batch.pop(0)
+                if (node := self._take(reply)) is not None:
+                    self._answered.append(node)
+                    yield node, reply
+            return
+        interval = self.poll_start
+        while self._pending:
+            pulled = list(self._grid.pull_messages(list(self._pending)))
+            got = bool(pulled)
+            while pulled:  # hand over one at a time, so that each can be freed at once
+                reply = pulled.pop(0)
+                if (node := self._take(reply)) is not None:
+                    self._answered.append(node)
+                    yield node, reply
+                del reply
+            now = time.monotonic()
+            if not self._pending or now >= self._deadline:
+                break
+            interval = self.poll_start if got else min(2 * interval, self.poll_max)
+            time.sleep(min(interval, self._deadline - now))
 
 
 def check_masked_reply(content: RecordDict, *, expected_length: int, instance: int) -> np.ndarray:
@@ -188,27 +267,38 @@ class SecureRounds:
             time.sleep(1.0)
         return nodes
 
-    def _send(self, contents: Mapping[int, RecordDict], message_type: str,
-              server_round: int) -> dict[int, Message]:
+    def _send(self, contents: Mapping[int, RecordDict], message_type: str, server_round: int,
+              nonce: bytes, take: Callable[[int, RecordDict], None]) -> list[int]:
+        """Send one batch; hand each usable reply to ``take(node, content)`` as it arrives.
+
+        A reply is *usable* once it is no error and echoes ``nonce`` (see :meth:`_usable`);
+        it is dropped as soon as ``take`` returns.  Nodes without a reply before the
+        timeout are excluded (``no-reply``).  Returns the nodes that replied.
+        """
         if not contents:
-            return {}
+            return []
         messages = [Message(content=c, dst_node_id=n, message_type=message_type,
                             group_id=str(server_round)) for n, c in contents.items()]
         if self.status is not None:
             self.status.step(server_round, f"secure {message_type}", asked=list(contents))
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        stream = ReplyStream(self.grid, messages, timeout=self.timeout)
+        del messages
+        answered: list[int] = []
+        for node, reply in stream:
+            if int(reply.metadata.src_node_id) != node:
+                continue  # answered by someone else (the SuperLink): no reply from node
+            answered.append(node)
+            if (content := self._usable(server_round, node, reply, nonce)) is not None:
+                take(node, content)
+            del reply, content
         self.trips += 1
-        out: dict[int, Message] = {}
-        for reply in replies:
-            node = int(reply.metadata.src_node_id)
-            if node in contents and node not in out:
-                out[node] = reply
         if self.status is not None:
-            self.status.replies(list(out))
+            self.status.replies(answered)
+        done = set(answered)
         for node in contents:
-            if node not in out:
+            if node not in done:
                 self._exclude(server_round, node, "no-reply", "no reply before the timeout")
-        return out
+        return answered
 
     def _exclude(self, server_round: int, node: int, code: str, message: str) -> None:
         text = f"secure aggregation: node {node} excluded: [{code}] {message}"
@@ -353,23 +443,20 @@ class SecureRounds:
         for k in first:
             self._instance(k)
         nonce = os.urandom(16)
-        replies = self._send({n: RecordDict({RECORD: ConfigRecord({"advertise": first}),
-                                             ECHO: self._echo(start_round, nonce)})
-                              for n in self._nodes()}, f"query.{QUERY_ACTION}", start_round)
-        for node, reply in replies.items():
-            if (content := self._usable(start_round, node, reply, nonce)) is not None:
-                self._take_adverts(start_round, node, content.config_records.get(RECORD, {}))
+        self._send({n: RecordDict({RECORD: ConfigRecord({"advertise": first}),
+                                   ECHO: self._echo(start_round, nonce)})
+                    for n in self._nodes()}, f"query.{QUERY_ACTION}", start_round, nonce,
+                   lambda node, content: self._take_adverts(
+                       start_round, node, content.config_records.get(RECORD, {})))
         inst = self.instances[k0]
         self._freeze(inst)
         if inst.server is not None:
-            replies = self._send({n: RecordDict({RECORD: ConfigRecord(self._share_op(inst, n)),
-                                                 ECHO: self._echo(start_round, nonce)})
-                                  for n in inst.index}, f"query.{QUERY_ACTION}", start_round)
             outgoing: dict[int, dict[int, bytes]] = {}
-            for node, reply in replies.items():
-                if (content := self._usable(start_round, node, reply, nonce)) is not None:
-                    self._take_shares(inst, node, content.config_records.get(RECORD, {}),
-                                      outgoing)
+            self._send({n: RecordDict({RECORD: ConfigRecord(self._share_op(inst, n)),
+                                       ECHO: self._echo(start_round, nonce)})
+                        for n in inst.index}, f"query.{QUERY_ACTION}", start_round, nonce,
+                       lambda node, content: self._take_shares(
+                           inst, node, content.config_records.get(RECORD, {}), outgoing))
             self._route(inst, outgoing)
         for k in range(k0, self.last_k + 1):
             inst = self.instances[k]
@@ -407,17 +494,19 @@ class SecureRounds:
             contents[inst.node_of(idx)] = RecordDict({
                 "arrays": arrays, "config": config, RECORD: ConfigRecord(ops),
                 ECHO: self._echo(inst.server_round, inst.nonce)})
-        replies = self._send(contents, inst.kind, inst.server_round)
-        for node, reply in replies.items():
-            content = self._usable(inst.server_round, node, reply, inst.nonce)
-            if content is None:
-                continue
+        server = inst.server
+
+        def add(node: int, content: RecordDict) -> None:
+            # folded into the masked sum at once: no masked vector outlives this call
             try:
-                vec = check_masked_reply(content, expected_length=inst.server.input_length,
+                vec = check_masked_reply(content, expected_length=server.input_length,
                                          instance=inst.k)
-                inst.server.add_masked_input(inst.index[node], vec)
+                server.add_masked_input(inst.index[node], vec)
             except FedradError as e:
                 self._exclude(inst.server_round, node, e.code, e.message)
+
+        self._send(contents, inst.kind, inst.server_round, inst.nonce, add)
+        del contents
         try:
             survivors, dropped = inst.server.unmask_request()
         except FedradError as e:
@@ -451,18 +540,17 @@ class SecureRounds:
             if ops:
                 contents[node] = RecordDict({RECORD: ConfigRecord(ops),
                                              ECHO: self._echo(inst.server_round, nonce)})
-        replies = self._send(contents, f"query.{QUERY_ACTION}", inst.server_round)
         outgoing: dict[int, dict[int, bytes]] = {}
-        for node, reply in replies.items():
-            content = self._usable(inst.server_round, node, reply, nonce)
-            if content is None:
-                continue
+
+        def take(node: int, content: RecordDict) -> None:
             ops = content.config_records.get(RECORD, ConfigRecord())
             if inst.server is not None and inst.index.get(node) in inst.survivors:
                 self._take_unmask(inst, node, ops)
             if nxt is not None and nxt.server is not None and node in nxt.index:
                 self._take_shares(nxt, node, ops, outgoing)
             self._take_adverts(inst.server_round, node, ops)
+
+        self._send(contents, f"query.{QUERY_ACTION}", inst.server_round, nonce, take)
         if nxt is not None and nxt.server is not None:
             self._route(nxt, outgoing)
 

@@ -12,7 +12,10 @@ applies to plain rounds only).  Without it, :class:`FedradFedAvg` runs Flower's 
 message flow; in both, every reply is checked and a bad one is excluded with a reason
 code, and the ``strategy`` setting's :class:`~fedrad.server.strategies.Aggregator` makes
 the next global model (FedAvg, FedProx, FedBN, FedAdam/FedYogi/FedAdagrad; plain rounds
-also median, trimmed mean and Krum).
+also median, trimmed mean and Krum).  Both paths take each reply as it arrives
+(:class:`~fedrad.server.secure_rounds.ReplyStream`) and fold it into a running sum, so the
+server's memory does not grow with the number of sites (the robust strategies alone keep
+every site's model until the round's last reply).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from fedrad.common.training import predict_scores, select_device
 
 from .checkpoint import capture_rng, latest_checkpoint, restore_rng, save_checkpoint
 from .evaluator import MetricsLog, format_final_summary, format_round_table
-from .secure_rounds import ReplyRejected, SecureRounds, trips_per_run
+from .secure_rounds import ReplyRejected, ReplyStream, SecureRounds, trips_per_run
 from .status import StatusWriter, attach_run_log
 from .strategies import SERVER_OPTIMIZERS, Aggregator
 
@@ -95,12 +98,13 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 _SLACK_BYTES = 64 * 1024
 
 
-def check_train_reply(content: RecordDict, reference: ArrayRecord) -> None:
+def check_train_reply(content: RecordDict, reference: ArrayRecord) -> dict[str, np.ndarray]:
     """Validate a plain (non-secure) training reply against the global model it answers.
 
-    Raises :class:`~fedrad.server.secure_rounds.ReplyRejected` with the code
-    ``malformed`` (records missing), ``wrong-shape`` (other tensors or shapes),
-    ``bad-dtype``, ``oversized``, ``non-finite`` or ``bad-num-examples``.
+    Returns the reply's tensors, decoded once (the check reads every value).  Raises
+    :class:`~fedrad.server.secure_rounds.ReplyRejected` with the code ``malformed``
+    (records missing), ``wrong-shape`` (other tensors or shapes), ``bad-dtype``,
+    ``oversized``, ``non-finite`` or ``bad-num-examples``.
     """
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise ReplyRejected("malformed", "a training reply holds one array and one metric record")
@@ -111,13 +115,14 @@ def check_train_reply(content: RecordDict, reference: ArrayRecord) -> None:
         raise ReplyRejected("oversized", f"the reply carries {sent} bytes of arrays")
     if list(arrays.keys()) != list(reference.keys()):
         raise ReplyRejected("wrong-shape", "the reply's tensors differ from the global model's")
+    decoded: dict[str, np.ndarray] = {}
     for name, ref in reference.items():
         got = arrays[name]
         if got.dtype != ref.dtype:
             raise ReplyRejected("bad-dtype", f"tensor {name} is {got.dtype}, not {ref.dtype}")
         if list(got.shape) != list(ref.shape):
             raise ReplyRejected("wrong-shape", f"tensor {name} has shape {list(got.shape)}")
-        value = got.numpy()
+        value = decoded[name] = got.numpy()
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise ReplyRejected("non-finite", f"tensor {name} holds NaN or Inf")
     n = metrics.get("num-examples")
@@ -128,6 +133,7 @@ def check_train_reply(content: RecordDict, reference: ArrayRecord) -> None:
     loss = metrics.get("train-loss", 0.0)
     if not isinstance(loss, (int, float)) or not np.isfinite(loss):
         raise ReplyRejected("non-finite", "train-loss is NaN or Inf")
+    return decoded
 
 
 def check_echo(content: RecordDict, server_round: int, nonce: bytes) -> None:
@@ -141,13 +147,36 @@ def check_echo(content: RecordDict, server_round: int, nonce: bytes) -> None:
         raise ReplyRejected("replayed", "the reply echoes another round's nonce")
 
 
+class _StreamingGrid:
+    """``grid`` for Flower's strategy loop, with replies handed over as they arrive.
+
+    ``send_and_receive`` pushes the messages at once and returns an iterator over the
+    replies (:class:`~fedrad.server.secure_rounds.ReplyStream`: same timeout, duplicates
+    dropped) instead of a list of all of them; :class:`FedradFedAvg`'s ``aggregate_*``
+    consume it one reply at a time.  Everything else is ``grid``'s.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        stream = ReplyStream(self._grid, messages, timeout=timeout)
+        return (reply for _, reply in stream)
+
+
 class FedradFedAvg(FedAvg):
     """Flower's FedAvg message flow with fedrad's aggregation and pooled metrics.
 
     - Training: the ``strategy`` setting's :class:`~fedrad.server.strategies.Aggregator`
       turns the sites' weights (and ``num-examples``) into the next global model, each
       tensor in its own dtype; a round where fewer than ``min-sites`` sites answered keeps
-      the previous global model and says so.
+      the previous global model and says so.  :meth:`start` hands each reply over as it
+      arrives, and the mean strategies add it to a float64 running sum at once, so the
+      server holds one reply and one sum, not every site's model.
     - Evaluation: the confusion counts and score histograms of all answering sites are
       summed; accuracy, sensitivity, specificity, F1 and AUC are computed from the sums
       (never averaged), plus one row per site.
@@ -175,13 +204,26 @@ class FedradFedAvg(FedAvg):
         #: optional :class:`~fedrad.server.status.StatusWriter` shown by ``fedrad status``
         self.status: StatusWriter | None = None
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              ) -> Any:
+        """Flower's strategy loop, its replies streamed (see :class:`_StreamingGrid`)."""
+        return super().start(grid=_StreamingGrid(grid), initial_arrays=initial_arrays,
+                             num_rounds=num_rounds, timeout=timeout,
+                             train_config=train_config, evaluate_config=evaluate_config,
+                             evaluate_fn=evaluate_fn)
+
     def note_failure(self, server_round: int, text: str) -> None:
         """Record one failure of ``server_round`` (it reaches the round's report)."""
         self.round_failures.setdefault(server_round, []).append(text)
 
-    def _note_failures(self, server_round: int, kind: str, replies: list[Message],
+    def _note_failures(self, server_round: int, kind: str, answered: Iterable[str],
                        errors: list[Message]) -> None:
         """Record error replies and sites that sent no reply before ``round-timeout``.
+
+        ``answered`` holds the ``reply_to_message_id`` of every reply received (errors too).
 
         The SuperLink's own error replies (e.g. "Node Unavailable") come from node 1, the
         SuperLink: they are named by the site the message was sent to.
@@ -193,7 +235,7 @@ class FedradFedAvg(FedAvg):
             text = f"{kind}: node {node} failed: {msg.error.reason}"
             self.note_failure(server_round, text)
             log.warning("round %d %s", server_round, text)
-        answered = {m.metadata.reply_to_message_id for m in replies}
+        answered = set(answered)
         for message_id, node in asked.items():
             if message_id and message_id not in answered:
                 text = (f"{kind}: node {node} excluded: [no-reply] no reply before "
@@ -240,64 +282,106 @@ class FedradFedAvg(FedAvg):
 
     def _screen(self, kind: str, server_round: int, valid: list[Message]) -> list[Message]:
         """Drop replies that fail validation, recording each with its reason code."""
+        return [m for m in valid if self._screen_one(kind, server_round, m) is not None]
+
+    def _screen_one(self, kind: str, server_round: int,
+                    msg: Message) -> dict[str, np.ndarray] | None:
+        """Check one reply; None (recorded with its reason code) if it fails.
+
+        A training reply checked against the sent model comes back as its decoded tensors
+        (``{}`` otherwise).
+        """
         nonce = self._nonces.get((kind, server_round))
         reference = self._sent.get(server_round) if kind == "train" else None
-        kept = []
-        for msg in valid:
-            try:
-                if nonce is not None:
-                    check_echo(msg.content, server_round, nonce)
-                if reference is not None:
-                    check_train_reply(msg.content, reference)
-            except ReplyRejected as e:
-                text = (f"{kind}: node {msg.metadata.src_node_id} excluded: "
-                        f"[{e.code}] {e.message}")
-                self.note_failure(server_round, text)
-                log.warning("round %d %s", server_round, text)
-                continue
-            kept.append(msg)
-        return kept
+        try:
+            if nonce is not None:
+                check_echo(msg.content, server_round, nonce)
+            if reference is not None:
+                return check_train_reply(msg.content, reference)
+        except ReplyRejected as e:
+            text = f"{kind}: node {msg.metadata.src_node_id} excluded: [{e.code}] {e.message}"
+            self.note_failure(server_round, text)
+            log.warning("round %d %s", server_round, text)
+            return None
+        return {}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The next global model from ``replies``, taken one at a time as they come.
+
+        Each reply is checked, then (mean strategies) added to a running weighted sum and
+        dropped; the robust strategies keep every site's model for the round's end.
+        """
         server_round += self.round_offset
-        replies = list(replies)
-        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        self._note_failures(server_round, "train", replies, errors)
-        valid = self._screen("train", server_round, valid)
-        self._replies_in(server_round, valid)
-        if len(valid) < self.settings.min_sites:
-            log.warning(
-                "round %d: %d of %d sites returned an update, fewer than min-sites=%d; "
-                "the global model is kept unchanged for this round",
-                server_round, len(valid), len(replies), self.settings.min_sites,
-            )
-            return None, None
-        if errors:
-            log.warning("round %d: continuing with the %d sites that answered",
-                        server_round, len(valid))
-        contents = [m.content for m in valid]
-        weights = [float(next(iter(c.metric_records.values()))["num-examples"]) for c in contents]
-        models = [{k: v.numpy() for k, v in next(iter(c.array_records.values())).items()}
-                  for c in contents]
         sent = self._sent.get(server_round)
         if sent is None and self.aggregator.name in SERVER_OPTIMIZERS:
             raise FedradError("no-reference", f"round {server_round}: {self.aggregator.name} "
                               "needs the global model the sites trained from")
-        # the sent model (replies are checked against it); the first reply has the same form
-        current = {k: v.numpy() for k, v in sent.items()} if sent is not None else models[0]
-        new = self.aggregator.aggregate(current, list(zip(models, weights, strict=True)))
-        arrays = ArrayRecord({k: Array(v) for k, v in new.items()})
-        losses = [float(next(iter(c.metric_records.values())).get("train-loss", float("nan")))
-                  for c in contents]
+        running = self.aggregator.running_mean() if self.aggregator.streams else None
+        kept: list[tuple[dict[str, np.ndarray], float]] = []
+        answered: list[int] = []
+        weights: list[float] = []
+        losses: list[float] = []
+        first: dict[str, np.ndarray] | None = None
+        received: list[str] = []  # the message each reply answers
+        errors: list[Message] = []  # error replies carry no model
+        for msg in replies:
+            received.append(msg.metadata.reply_to_message_id)
+            if msg.has_error():
+                errors.append(msg)
+                continue
+            model = self._screen_one("train", server_round, msg)
+            if model is None:
+                continue
+            content = msg.content
+            arrays = next(iter(content.array_records.values()))
+            if not model:  # not checked against a sent model: decode it here
+                model = {k: v.numpy() for k, v in arrays.items()}
+            metrics = next(iter(content.metric_records.values()))
+            n = float(metrics["num-examples"])
+            if first is None and sent is None:  # keys, shapes and dtypes of the reply
+                first = {k: np.zeros_like(v) for k, v in model.items()}
+            if running is not None:
+                running.add(model, n)
+            else:
+                kept.append((model, n))
+            weights.append(n)
+            losses.append(float(metrics.get("train-loss", float("nan"))))
+            answered.append(int(msg.metadata.src_node_id))
+            del msg, content, arrays, model  # this reply is no longer held
+        log.info("round %d: %d training replies, %d failures", server_round, len(received),
+                 len(errors))
+        self._note_failures(server_round, "train", received, errors)
+        self._sent.pop(server_round, None)  # every reply is in: the sent model is done
+        if self.status is not None:
+            self.status.replies(answered, self.round_failures.get(server_round, []))
+        if len(answered) < self.settings.min_sites:
+            log.warning(
+                "round %d: %d of %d sites returned an update, fewer than min-sites=%d; "
+                "the global model is kept unchanged for this round",
+                server_round, len(answered), len(received), self.settings.min_sites,
+            )
+            return None, None
+        if errors:
+            log.warning("round %d: continuing with the %d sites that answered",
+                        server_round, len(answered))
+        # the sent model (replies are checked against it); else the replies' own form
+        current = {k: v.numpy() for k, v in sent.items()} if sent is not None else first
+        assert current is not None
+        if running is not None:
+            new = self.aggregator.finish(current, running)
+        else:
+            new = self.aggregator.aggregate(current, kept)
+            kept.clear()
+        arrays_out = ArrayRecord({k: Array(v) for k, v in new.items()})
         total = sum(weights)
-        metrics = MetricRecord({
+        metrics_out = MetricRecord({
             "num-examples": int(total),
             "train-loss": float(np.dot(weights, losses) / total) if total else float("nan"),
-            "sites": len(valid),
+            "sites": len(answered),
         })
-        return arrays, metrics
+        return arrays_out, metrics_out
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -305,7 +389,8 @@ class FedradFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
-        self._note_failures(server_round, "evaluate", replies, errors)
+        self._note_failures(server_round, "evaluate",
+                            [m.metadata.reply_to_message_id for m in replies], errors)
         valid = self._screen("evaluate", server_round, valid)
         self._replies_in(server_round, valid)
         per_site: list[tuple[str, OutcomeCounts]] = []

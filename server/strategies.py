@@ -30,8 +30,11 @@ by the ``strategy`` setting:
 
 Under secure aggregation the server only learns the weighted mean, so only
 :meth:`Aggregator.server_step` runs there; in plain mode :meth:`Aggregator.aggregate`
-does both.  Integer tensors (BatchNorm's ``num_batches_tracked``) always take the
-rounded weighted mean.
+does both.  The mean strategies need no site's model once it is added: a plain round folds
+each reply into a :class:`RunningMean` as it arrives (:meth:`Aggregator.running_mean`) and
+finishes with :meth:`Aggregator.finish`, so the server holds one float64 sum, not every
+site's model; the robust strategies need all the models at once.  Integer tensors
+(BatchNorm's ``num_batches_tracked``) always take the rounded weighted mean.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch
 from fedrad.common.config import ROBUST_STRATEGIES, Settings
 from fedrad.common.errors import ConfigError
 
-__all__ = ["Aggregator", "SERVER_OPTIMIZERS", "weighted_mean"]
+__all__ = ["Aggregator", "RunningMean", "SERVER_OPTIMIZERS", "weighted_mean"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,42 @@ def weighted_mean(sites: Sequence[tuple[Weights, float]], key: str) -> np.ndarra
     for weights, n in sites:
         acc += np.asarray(weights[key], dtype=np.float64) * (float(n) / total)
     return acc
+
+
+class RunningMean:
+    """``sum(n_i * x_i) / sum(n_i)`` of every tensor, site models added one at a time.
+
+    The sum is kept in float64 (one copy of the model); :meth:`mean` divides it in place.
+    """
+
+    def __init__(self) -> None:
+        self._acc: dict[str, np.ndarray] | None = None
+        self.total = 0.0
+        self.sites = 0
+
+    def add(self, weights: Weights, n: float) -> None:
+        """Add one site's model ``weights`` with its sample count ``n``."""
+        n = float(n)
+        if self._acc is None:
+            # np.array keeps 0-d tensors arrays, so the in-place updates below reach them
+            self._acc = {k: np.array(np.multiply(v, n, dtype=np.float64))
+                         for k, v in weights.items()}
+        else:
+            for k, acc in self._acc.items():
+                np.add(acc, np.multiply(weights[k], n, dtype=np.float64), out=acc)
+        self.total += n
+        self.sites += 1
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The weighted mean of the models added (the running sum is used up)."""
+        if self._acc is None:
+            raise ValueError("no site models to aggregate")
+        if not self.total > 0:
+            raise ValueError("the sites' sample counts sum to zero")
+        acc, self._acc = self._acc, None
+        for value in acc.values():
+            np.divide(value, self.total, out=value)
+        return acc
 
 
 def _trimmed_mean(stack: np.ndarray, fraction: float) -> np.ndarray:
@@ -109,8 +148,25 @@ class Aggregator:
             raise ValueError("no site models to aggregate")
         if self.name in ROBUST_STRATEGIES:
             return self._robust(current, sites)
-        mean = {k: weighted_mean(sites, k) for k in current}
-        return self.server_step(current, mean)
+        running = self.running_mean()
+        for weights, n in sites:
+            running.add(weights, n)
+        return self.finish(current, running)
+
+    @property
+    def streams(self) -> bool:
+        """True when site models can be folded in one at a time (the mean strategies)."""
+        return self.name not in ROBUST_STRATEGIES
+
+    def running_mean(self) -> RunningMean:
+        """An empty running weighted mean for :meth:`finish` (mean strategies only)."""
+        if not self.streams:
+            raise ValueError(f"{self.name} needs every site model at once, not a running mean")
+        return RunningMean()
+
+    def finish(self, current: Weights, running: RunningMean) -> dict[str, np.ndarray]:
+        """The next global model from ``current`` and the sites' :class:`RunningMean`."""
+        return self.server_step(current, running.mean())
 
     def _robust(self, current: Weights, sites: Sequence[tuple[Weights, float]]
                 ) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +41,13 @@ Tamper = Callable[[int, Message, Message], Message | None]
 
 
 class FakeGrid:
-    """Delivers messages to a ClientApp in-process; ``tamper`` may change or drop replies."""
+    """Flower's grid API in-process: ``push_messages`` runs the sites' ClientApp at once and
+    files its replies, ``pull_messages`` hands out those that are in.
+
+    ``tamper`` may change or drop (return None) a reply; ``delay`` holds a node's replies
+    back for that many seconds; ``duplicate`` files every reply twice; ``per_pull`` caps the
+    replies one pull returns; ``pulled`` keeps a weak reference to every reply handed out.
+    """
 
     def __init__(self, app, node_ids: list[int]) -> None:
         self.app = app
@@ -51,12 +58,17 @@ class FakeGrid:
         }
         self.tamper: Tamper | None = None
         self.sent: list[Message] = []
+        self.delay: dict[int, float] = {}
+        self.duplicate = False
+        self.per_pull: int | None = None
+        self.pulled: list[tuple[str, weakref.ref]] = []
+        self._outbox: list[tuple[float, Message]] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             msg.metadata.__dict__["_created_at"] = time.time()
@@ -69,8 +81,23 @@ class FakeGrid:
             if self.tamper is not None:
                 reply = self.tamper(node, msg, reply)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                ready = time.monotonic() + self.delay.get(node, 0.0)
+                self._outbox += [(ready, reply)] * (2 if self.duplicate else 1)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted, now = set(message_ids), time.monotonic()
+        out, kept = [], []
+        for ready, reply in self._outbox:
+            if (reply.metadata.reply_to_message_id in wanted and ready <= now
+                    and (self.per_pull is None or len(out) < self.per_pull)):
+                out.append(reply)
+                self.pulled.append((reply.metadata.message_type, weakref.ref(reply)))
+            else:
+                kept.append((ready, reply))
+        self._outbox = kept
+        return out
 
 
 def _local_delta(site: int, server_round: int) -> dict[str, np.ndarray]:
@@ -131,7 +158,10 @@ def _settings(**extra):
                           "num-server-rounds": 1, **extra})
 
 
-def _run(grid: FakeGrid, settings, arrays: ArrayRecord | None = None):
+def _run(grid: FakeGrid, settings, arrays: ArrayRecord | None = None, *,
+         timeout: float = 0.5):
+    """Run ``settings``' rounds; every reply is filed at push time, so ``timeout`` is only
+    what a step waits for the replies a test drops."""
     failures: dict[int, list[str]] = {}
     pooled: dict[int, tuple[dict, int]] = {}
     after: dict[int, ArrayRecord] = {}
@@ -139,6 +169,7 @@ def _run(grid: FakeGrid, settings, arrays: ArrayRecord | None = None):
         grid, settings,
         on_failure=lambda r, text: failures.setdefault(r, []).append(text),
         on_pooled=lambda r, row, n: pooled.__setitem__(r, (row, n)),
+        timeout=timeout,
     )
     rounds.run(arrays or _initial(), after_round=lambda r, a: after.__setitem__(r, a))
     return rounds, failures, pooled, after
@@ -466,3 +497,57 @@ def test_secagg_plus_neighbourhoods_give_the_same_mean(fake_sites) -> None:
                             rounds.train_metrics[1]["error-bound"])
     assert pooled[1][1] == merge_counts([_site_counts(i, 1) for i in range(5)
                                          if i != 2]).n  # site 2 is gone by evaluation
+
+
+def test_each_masked_vector_is_summed_as_it_arrives_and_dropped(fake_sites,
+                                                                 monkeypatch) -> None:
+    """The server never holds two sites' replies at once (memory flat in the sites)."""
+    from fedrad.common.secagg import SecAggServer
+
+    nodes = [BIG + i for i in range(5)]
+    grid = FakeGrid(make_client_app(fake_sites), nodes)
+    grid.per_pull = 1
+    alive: list[int] = []
+    add = SecAggServer.add_masked_input
+
+    def spy(self, node_id, masked):  # no gc.collect(): a dropped reply is freed at once
+        alive.append(sum(ref() is not None for kind, ref in grid.pulled if kind == "train"))
+        return add(self, node_id, masked)
+
+    monkeypatch.setattr(SecAggServer, "add_masked_input", spy)
+    rounds, failures, _, after = _run(grid, _settings())
+    assert failures == {}
+    assert len(alive) == 3 * 5  # round 0's evaluation, round 1's training and evaluation
+    assert alive[5:10] == [1] * 5  # only the training reply being added is still held
+    _assert_close_to_fedavg(after[1], _expected_mean(list(range(5)), 1, _initial()),
+                            rounds.train_metrics[1]["error-bound"])
+
+
+def test_duplicate_replies_are_ignored(fake_sites) -> None:
+    nodes = [BIG + i for i in range(4)]
+    grid = FakeGrid(make_client_app(fake_sites), nodes)
+    grid.duplicate = True
+    rounds, failures, pooled, after = _run(grid, _settings())
+    assert failures == {}  # no duplicate-input exclusion: the second copy is never used
+    _assert_close_to_fedavg(after[1], _expected_mean(list(range(4)), 1, _initial()),
+                            rounds.train_metrics[1]["error-bound"])
+    assert pooled[1][1] == merge_counts([_site_counts(i, 1) for i in range(4)]).n
+
+
+def test_a_reply_after_the_timeout_counts_as_no_reply(fake_sites) -> None:
+    nodes = [BIG + i for i in range(4)]
+    late = nodes[0]
+    grid = FakeGrid(make_client_app(fake_sites), nodes)
+
+    def slow_training(node, msg, reply):
+        grid.delay[late] = 5.0 if msg.metadata.message_type == "train" else 0.0
+        return reply
+
+    grid.tamper = slow_training
+    started = time.monotonic()
+    rounds, failures, _, after = _run(grid, _settings(), timeout=0.5)
+    assert time.monotonic() - started < 4.0  # the stream stops waiting at the timeout
+    assert any(f"node {late}" in f and "no-reply" in f for f in failures[1])
+    _assert_close_to_fedavg(after[1], _expected_mean([1, 2, 3], 1, _initial()),
+                            rounds.train_metrics[1]["error-bound"])
+    assert rounds.train_metrics[1]["sites"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,84 @@ def test_a_site_that_never_answers_is_recorded_and_superlink_errors_name_the_sit
     assert any("node 12 failed: Error: Node Unavailable" in f for f in failures), failures
     assert any("node 13 excluded: [no-reply]" in f for f in failures), failures
     assert not any("node 11" in f or "node 1 " in f for f in failures), failures
+
+
+class _PushPullGrid:
+    """Flower's grid API in-process for a plain round: sites answer in closed form.
+
+    Each training reply is site ``i``'s model ``w = i`` with ``10 * i`` samples; ``late``
+    nodes answer after ``late_s`` seconds; every reply is filed twice (a duplicate);
+    ``pulled`` keeps a weak reference to every reply handed out, at most one per pull.
+    """
+
+    def __init__(self, ids: list[int], late: set[int] = frozenset(), late_s: float = 5.0):
+        self.ids, self.late, self.late_s = ids, late, late_s
+        self.pulled: list = []
+        self._outbox: list[tuple[float, Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+    @staticmethod
+    def _reply(msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == "train":
+            return _answer(msg, np.full((2, 2), float(node)), 10 * node)
+        labels = np.arange(node) % 2
+        counts = count_outcomes(np.stack([1 - labels, labels], 1).astype(float), labels,
+                                bins=1000)
+        return Message(RecordDict({
+            "metrics": MetricRecord({"num-examples": node, **counts_to_metrics(counts)}),
+            ECHO: ConfigRecord(dict(msg.content[ECHO]))}), reply_to=msg)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            msg.metadata.__dict__["_message_id"] = f"{msg.metadata.message_type}-{node}"
+            ready = time.monotonic() + (self.late_s if node in self.late else 0.0)
+            self._outbox += [(ready, self._reply(msg)), (ready, self._reply(msg))]
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted, now = set(message_ids), time.monotonic()
+        for i, (ready, reply) in enumerate(self._outbox):
+            if reply.metadata.reply_to_message_id in wanted and ready <= now:
+                del self._outbox[i]
+                self.pulled.append(weakref.ref(reply))
+                return [reply]
+        return []
+
+
+def test_plain_rounds_add_each_reply_as_it_arrives(tmp_path: Path, task_identity,
+                                                   monkeypatch) -> None:
+    """FedAvg's loop over a push/pull grid: the closed-form mean, one reply held at a time,
+    duplicates ignored, a reply after the timeout recorded as [no-reply]."""
+    from fedrad.server.strategies import RunningMean
+
+    strategy = _strategy(tmp_path)
+    strategy.settings = load_settings({"min-sites": 2, "class-names": "normal,opacity",
+                                       "round-timeout": 1})
+    grid = _PushPullGrid([2, 3, 5, 7], late={7}, late_s=3600.0)
+    alive: list[int] = []
+    add = RunningMean.add
+
+    def spy(self, weights, n):  # no gc.collect(): a dropped reply is freed at once
+        alive.append(sum(ref() is not None for ref in grid.pulled))
+        return add(self, weights, n)
+
+    monkeypatch.setattr(RunningMean, "add", spy)
+    initial = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)),
+                           "bn.num_batches_tracked": Array(np.array(0, np.int64))})
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, timeout=1.0)
+    # sites 2, 3, 5 in time: sum(i * 10 i) / sum(10 i)
+    expected = (2 * 20 + 3 * 30 + 5 * 50) / 100
+    np.testing.assert_allclose(result.arrays["w"].numpy(), np.full((2, 2), expected),
+                               rtol=1e-6)
+    assert alive == [1, 1, 1]  # each model is added while it is the only reply held
+    assert result.train_metrics_clientapp[1]["sites"] == 3
+    failures = strategy.round_failures[1]
+    assert sum("node 7 excluded: [no-reply]" in f for f in failures) == 2, failures  # both steps
+    assert len(failures) == 2, failures  # the duplicates are never seen
+    assert strategy.metrics_log.round_rows(1)["pooled"]["n"] == 2 + 3 + 5
