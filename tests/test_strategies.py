@@ -20,11 +20,10 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAdagrad, FedMedian, FedTrimmedAvg, FedYogi, Krum
-from test_secure_rounds import BIG, FakeGrid, fake_sites  # noqa: F401 - fixture
+from test_secure_rounds import BIG, FakeGrid, _write_site, fake_sites  # noqa: F401 - fixture
 
 from fedrad.client import client_app as client_app_module
 from fedrad.client.client_app import LOCAL_NORMS, SiteContext, make_client_app, train_on_site
-from fedrad.common.cache import write_cache
 from fedrad.common.config import STRATEGIES, load_settings
 from fedrad.common.errors import ConfigError
 from fedrad.common.models import model_from_settings, norm_state_keys
@@ -192,17 +191,6 @@ def test_robust_strategies_refuse_secure_aggregation() -> None:
 SIZE = 32
 
 
-def _write_site(path: Path, n: int = 40, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    images = rng.integers(0, 120, (n, SIZE, SIZE)).astype(np.uint8)
-    images[labels == 1, 8:24, 8:24] += 100
-    write_cache(path, images, labels, records=[{"id": f"i{i}", "label": int(v)}
-                                               for i, v in enumerate(labels)],
-                quarantine=[], meta={"num_classes": 2})
-    return path
-
-
 def _site_settings(**extra):
     return load_settings({"image-size": SIZE, "batch-size": 8, "learning-rate": 0.05,
                           **extra})
@@ -216,7 +204,7 @@ def _distance(a: ArrayRecord, b: ArrayRecord) -> float:
 
 def test_fedprox_keeps_the_site_model_closer_to_the_global_one(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    site = SiteContext("site-a", _write_site(tmp_path / "cache"))
+    site = SiteContext("site-a", _write_site(tmp_path / "cache", 40, 0))
     torch.manual_seed(0)
     start = ArrayRecord(model_from_settings(_site_settings()).state_dict())
     plain, _ = train_on_site(start, _site_settings(**{"local-epochs": 2}), site)
@@ -238,7 +226,7 @@ def test_fedbn_site_keeps_its_normalisation_layers(tmp_path: Path, monkeypatch) 
         monkeypatch.setattr(TaskIdentity, name, 1)  # what the ClientApp process sets
     torch.set_num_threads(1)
     settings = _site_settings(strategy="fedbn", **{"secure-aggregation": False})
-    app = make_client_app({0: SiteContext("site-a", _write_site(tmp_path / "cache"))})
+    app = make_client_app({0: SiteContext("site-a", _write_site(tmp_path / "cache", 40, 0))})
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0},
                       state=RecordDict(), run_config={})
     torch.manual_seed(0)
