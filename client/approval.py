@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 APPROVED_APPS_ENV = "FEDRAD_APPROVED_APPS"
 DEFAULT_APPROVED_FILE = "approved-apps.json"
 CLIENTAPP_COMMAND = "fedrad-clientapp"
+POLL_ENV = "FEDRAD_SUPERNODE_POLL"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -250,12 +251,13 @@ def clientapp_main() -> None:
     flwr_clientapp()
 
 
-def superexec_main() -> None:
-    """``flower-superexec`` whose ClientApp command is ``fedrad-clientapp``."""
+def superexec_main(command: Path | None = None) -> None:
+    """``flower-superexec`` whose ClientApp command is ``fedrad-clientapp`` (or ``command``,
+    the warm launcher of :mod:`fedrad.client.warm`, which runs the same code)."""
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
-    command = Path(sys.executable).parent / CLIENTAPP_COMMAND
+    command = command or Path(sys.executable).parent / CLIENTAPP_COMMAND
     if not command.is_file():
         raise SystemExit(f"{command} is missing: reinstall fedrad (pip install fedrad) so that "
                          "its fedrad-clientapp command exists")
@@ -270,14 +272,22 @@ _RESERVED = ("--isolation", "--host", "--port", "--superexec-auth-secret-file")
 
 
 def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: int = 9094,
-             poll_seconds: float = 0.5) -> int:
+             poll_seconds: float = 0.5, launcher: str | None = None,
+             supernode_poll: float | None = None) -> int:
     """Run this site's SuperNode so that it runs only approved app bundles.
 
     Starts ``flower-supernode --isolation process`` with ``supernode_args`` (the SuperLink
     address, certificates, key, ``--node-config``) and fedrad's SuperExec, which launches
     ``fedrad-clientapp`` for every task. Both share a random SuperExec secret, and the
-    Runtime API listens on 127.0.0.1 only. Returns when either process ends (the other is
+    Runtime API listens on 127.0.0.1 only. Returns when any process ends (the others are
     stopped), with the first exit code.
+
+    ``launcher`` (default: ``FEDRAD_SITE_LAUNCHER``, else ``"warm"``): ``"warm"`` first
+    starts the site's zygote (:mod:`fedrad.client.warm`), which imports the ClientApp's
+    modules once and forks a process per task running the same approval-checked
+    ``fedrad-clientapp`` code; ``"cold"`` starts a fresh ``fedrad-clientapp`` per task.
+    ``supernode_poll`` (default: ``FEDRAD_SUPERNODE_POLL``, else Flower's 3 s): seconds an
+    idle SuperNode waits before asking the SuperLink for work again.
     """
     import signal
     import subprocess
@@ -304,6 +314,22 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
     else:
         log.warning("no app bundle is approved in %s: every run will be refused until the "
                     "site approves one with 'fedrad site approve <fab>'", approved_path)
+    from fedrad.client import warm
+
+    launcher = (launcher or os.environ.get(warm.LAUNCHER_ENV) or "warm").lower()
+    if launcher not in ("warm", "cold"):
+        raise FedradError("bad-site-run", f"{warm.LAUNCHER_ENV}={launcher!r}: use 'warm' (one "
+                          "pre-imported process forks each task) or 'cold' (a fresh process "
+                          "per task)")
+    if supernode_poll is None and os.environ.get(POLL_ENV):
+        try:
+            supernode_poll = float(os.environ[POLL_ENV])
+        except ValueError as err:
+            raise FedradError("bad-site-run", f"{POLL_ENV} must be a number of seconds, not "
+                              f"{os.environ[POLL_ENV]!r}") from err
+    if supernode_poll is not None and not 0.05 <= supernode_poll <= 3:
+        raise FedradError("bad-site-run", f"the SuperNode poll must be 0.05-3 s, not "
+                          f"{supernode_poll}")
     bindir = Path(sys.executable).parent
     env = {**os.environ, APPROVED_APPS_ENV: str(approved_path)}
     procs: list[subprocess.Popen] = []
@@ -313,11 +339,20 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
         with os.fdopen(fd, "w") as handle:
             handle.write(os.urandom(32).hex())
         runtime = ["--superexec-auth-secret-file", str(secret)]
-        node = [str(bindir / "flower-supernode"), *supernode_args, "--isolation", "process",
-                "--host", "127.0.0.1", "--port", str(runtime_port), *runtime]
+        node = [str(bindir / "flower-supernode")]
+        if supernode_poll is not None:
+            node = [sys.executable, "-m", "fedrad.client.warm", "supernode", str(supernode_poll)]
+        node += [*supernode_args, "--isolation", "process",
+                 "--host", "127.0.0.1", "--port", str(runtime_port), *runtime]
         executor = [sys.executable, "-m", "fedrad.client.approval", "superexec",
                     "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure",
                     "--parent-pid", str(os.getpid()), *runtime]
+        zygote = None
+        if launcher == "warm":
+            socket_path = Path(tmp) / "zygote.sock"
+            command = warm.write_launcher(Path(tmp) / "fedrad-clientapp-warm", socket_path)
+            executor[4:4] = ["--clientapp-command", str(command)]
+            zygote = [sys.executable, "-m", "fedrad.client.warm", "zygote", str(socket_path)]
 
         def stop(*_: object) -> None:
             for proc in procs:
@@ -326,6 +361,15 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
 
         previous = signal.signal(signal.SIGTERM, lambda *a: stop())
         try:
+            if zygote is not None:  # before the SuperNode: no gRPC channel exists yet
+                procs.append(subprocess.Popen(zygote, env=env))
+                try:
+                    warm.wait_ready(socket_path, procs[0])
+                except (RuntimeError, TimeoutError) as err:
+                    raise FedradError("warm-launcher-failed", f"{err}; see the site's log "
+                                      f"above, or set {warm.LAUNCHER_ENV}=cold") from err
+                log.info("warm launcher: each task is forked from pre-imported process %d",
+                         procs[0].pid)
             procs.append(subprocess.Popen(node, env=env))
             procs.append(subprocess.Popen(executor, env=env))
             while all(p.poll() is None for p in procs):
@@ -347,7 +391,11 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
 
 if __name__ == "__main__":  # python -m fedrad.client.approval superexec ARGS...
     if len(sys.argv) > 1 and sys.argv[1] == "superexec":
-        sys.argv = [sys.argv[0], *sys.argv[2:]]
-        superexec_main()
+        rest = sys.argv[2:]
+        clientapp = None
+        if rest[:1] == ["--clientapp-command"]:
+            clientapp, rest = Path(rest[1]), rest[2:]
+        sys.argv = [sys.argv[0], *rest]
+        superexec_main(clientapp)
     else:
         raise SystemExit("usage: python -m fedrad.client.approval superexec ARGS")
