@@ -72,7 +72,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _federation import BIN, LoopbackFederation, free_port  # noqa: E402
-from simulation_scale import DEFAULT_DATA, prepare_caches, process_tree  # noqa: E402
+from simulation_scale import DEFAULT_DATA, _children_map, prepare_caches  # noqa: E402
 
 TRAINED = re.compile(r"site (\S+) round (\d+): trained on (\d+) samples, loss \S+, "
                      r"([\d.]+) img/s")
@@ -135,6 +135,16 @@ class Sampler(threading.Thread):
             pass
 
     def sample(self) -> None:
+        children = _children_map()  # one pass over /proc per sample
+
+        def process_tree(root: int) -> list[int]:
+            out, todo = [], [root]
+            while todo:
+                pid = todo.pop()
+                out.append(pid)
+                todo.extend(children.get(pid, ()))
+            return out
+
         link_rss = link_pss = app_rss = app_pss = 0
         for pid in process_tree(self.link_pid):
             try:
@@ -312,12 +322,16 @@ def run_mode(args: argparse.Namespace, secure: bool, caches: list[tuple[str, Pat
             site_procs.append(proc)
         sampler = Sampler(link.pid, [p.pid for p in site_procs], args.sample, args.min_free_gb)
         sampler.start()
+        # the sites connect and sit idle: their memory and polling CPU over the last half
+        time.sleep(args.idle_seconds / 2)
         idle_at = time.time()
-        time.sleep(args.idle_seconds)  # the sites connect and sit idle: their memory then
+        time.sleep(args.idle_seconds / 2)
         idle = sampler.peaks(idle_at, time.time())
-        print(f"[{mode}] {n} sites up; idle: SuperLink {idle['link_rss']:.0f} MB RSS, sites "
-              f"{idle['site_pss']:.0f} MB PSS in all, {idle['free_gb']:.1f} GB available",
-              flush=True)
+        span = max(time.time() - idle_at, 1e-9)
+        print(f"[{mode}] {n} sites up; idle: SuperLink {idle['link_rss']:.0f} MB RSS, "
+              f"{100 * idle['cpu_link'] / span:.0f} % CPU; sites {idle['site_pss']:.0f} MB PSS "
+              f"in all, {100 * idle['cpu_sites'] / span:.0f} % CPU; "
+              f"{idle['free_gb']:.1f} GB available", flush=True)
         run = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "loopback", "--stream",
                                 "--run-config", run_config], env=fed.env, cwd=work,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -478,7 +492,8 @@ def main() -> None:
     parser.add_argument("--cache-root", default="/tmp/fedrad-load-caches")
     parser.add_argument("--data-path", default=str(DEFAULT_DATA))
     parser.add_argument("--sample", type=float, default=0.5, help="seconds between samples")
-    parser.add_argument("--idle-seconds", type=float, default=15.0)
+    parser.add_argument("--idle-seconds", type=float, default=30.0,
+                        help="the sites' idle time before the run (measured: the last half)")
     parser.add_argument("--min-free-gb", type=float, default=3.0)
     parser.add_argument("--round-timeout", type=float, default=900.0)
     parser.add_argument("--run-timeout", type=float, default=3600.0)

@@ -58,6 +58,7 @@ APPROVED_APPS_ENV = "FEDRAD_APPROVED_APPS"
 DEFAULT_APPROVED_FILE = "approved-apps.json"
 CLIENTAPP_COMMAND = "fedrad-clientapp"
 POLL_ENV = "FEDRAD_SUPERNODE_POLL"
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -287,7 +288,10 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
     modules once and forks a process per task running the same approval-checked
     ``fedrad-clientapp`` code; ``"cold"`` starts a fresh ``fedrad-clientapp`` per task.
     ``supernode_poll`` (default: ``FEDRAD_SUPERNODE_POLL``, else Flower's 3 s): seconds an
-    idle SuperNode waits before asking the SuperLink for work again.
+    idle SuperNode waits before asking the SuperLink for work again
+    (:func:`fedrad.client.warm.patch_supernode_poll`); the SuperExec then asks the
+    SuperNode for a task as often (at most every 1 s, Flower's default), through Flower's
+    own ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` unless that is set.
     """
     import signal
     import subprocess
@@ -332,6 +336,10 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
                           f"{supernode_poll}")
     bindir = Path(sys.executable).parent
     env = {**os.environ, APPROVED_APPS_ENV: str(approved_path)}
+    if supernode_poll is not None:
+        # the SuperExec asks its SuperNode (on 127.0.0.1) for a task every 1 s by default:
+        # Flower's own setting, at most the SuperNode's poll
+        env.setdefault(SUPEREXEC_POLL_ENV, f"{min(supernode_poll, 1.0):g}")
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="fedrad-site-") as tmp:
         secret = Path(tmp) / "superexec-secret"
