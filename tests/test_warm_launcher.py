@@ -174,3 +174,17 @@ def test_the_supernode_idle_poll_is_patched_only_in_that_module() -> None:
         assert not warm.patch_supernode_poll(0.01)  # patched already: the code is unknown
     finally:
         sci.time = real
+
+
+def test_site_run_refuses_an_unknown_launcher_or_poll(tmp_path: Path, monkeypatch) -> None:
+    from fedrad.client.approval import run_site
+    from fedrad.common.errors import FedradError
+
+    allow = tmp_path / "approved-apps.json"
+    with pytest.raises(FedradError, match="use 'warm'"):
+        run_site(["--superlink", "x:1"], allow, launcher="lukewarm")
+    with pytest.raises(FedradError, match="0.05-3 s"):
+        run_site(["--superlink", "x:1"], allow, supernode_poll=10)
+    monkeypatch.setenv("FEDRAD_SUPERNODE_POLL", "soon")
+    with pytest.raises(FedradError, match="number of seconds"):
+        run_site(["--superlink", "x:1"], allow)
