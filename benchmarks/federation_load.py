@@ -288,6 +288,7 @@ def run_mode(args: argparse.Namespace, secure: bool, caches: list[tuple[str, Pat
     sampler: Sampler | None = None
     site_procs: list[subprocess.Popen] = []
     flwr_output = ""
+    stopped = ""
     started = time.time()
     try:
         link = fed.start_superlink()
@@ -342,17 +343,20 @@ def run_mode(args: argparse.Namespace, secure: bool, caches: list[tuple[str, Pat
         reader.start()
         deadline = time.time() + args.run_timeout
         while run.poll() is None:
+            # out of memory or time: stop everything, report the rounds that finished
             if sampler.low_memory:
-                raise SystemExit(f"stopped: {sampler.low_memory}")
+                stopped = f"stopped: {sampler.low_memory}"
+                break
             if time.time() > deadline:
-                raise SystemExit(f"stopped: the run took more than {args.run_timeout} s")
+                stopped = f"stopped: the run took more than {args.run_timeout} s"
+                break
             dead = [i + 1 for i, p in enumerate(site_procs) if p.poll() is not None]
             if dead:
                 raise SystemExit(fed.diagnostics(f"sites {dead} exited during the run"))
             time.sleep(0.5)
-        reader.join(timeout=30)
+        reader.join(timeout=0 if stopped else 30)
         flwr_output = "".join(chunks)
-        if run.returncode != 0:
+        if not stopped and run.returncode != 0:
             raise SystemExit(fed.diagnostics("flwr run failed", flwr_output))
         # the last egress lines are written before the replies leave: they are all there
         time.sleep(2)
@@ -361,8 +365,11 @@ def run_mode(args: argparse.Namespace, secure: bool, caches: list[tuple[str, Pat
             sampler.stop()
         fed.stop()
     wall = time.time() - started
-    return analyse(mode, [k.site_id for k in keys], args.rounds, out_dir, fed, sampler,
-                   expected_n, wall)
+    result = analyse(mode, [k.site_id for k in keys], args.rounds, out_dir, fed, sampler,
+                     expected_n, wall)
+    if stopped:
+        result["problems"].insert(0, stopped)
+    return result
 
 
 def analyse(mode: str, site_ids: list[str], rounds: int, out_dir: Path, fed: LoopbackFederation,
@@ -475,7 +482,8 @@ def report(result: dict[str, Any]) -> None:
     print(f"(MB columns: peak RSS/PSS; bytes sent outside rounds, per site: "
           f"{result['round0_kb_site'] + result['setup_kb_site']:.0f} KB)")
     if result["problems"]:
-        print("LOST OR FAILED UPDATES:\n  " + "\n  ".join(result["problems"]))
+        print("PROBLEMS (lost or failed updates, or the run was stopped):\n  "
+              + "\n  ".join(result["problems"]))
     else:
         print(f"every site's training reply reached the server in every round "
               f"({result['sites']} replies per round, pooled n as expected, egress logs agree)")
