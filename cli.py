@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from fedrad.client.cli import site_app
-from fedrad.common.models import list_models
 from fedrad.server.cli import certs_app, run_status
 from fedrad.simulations.cli import demo, simulate
 from fedrad.simulations.inference_cli import evaluate, export, predict
@@ -29,6 +28,8 @@ app.command("status")(run_status)
 @app.command("models")
 def models() -> None:
     """List the models in fedrad's registry."""
+    from fedrad.common.models import list_models  # imports torch: only for this command
+
     for name in list_models():
         typer.echo(name)
 

@@ -264,6 +264,13 @@ def run_site_cmd(
     runtime_port: Annotated[int, typer.Option(
         "--runtime-port", min=1, max=65535,
         help="Local (127.0.0.1) port of the SuperNode's Runtime API.")] = 9094,
+    launcher: Annotated[str | None, typer.Option(
+        "--launcher", help="warm (default): one pre-imported process forks each task; "
+                           "cold: a fresh ClientApp process per task.")] = None,
+    supernode_poll: Annotated[float | None, typer.Option(
+        "--supernode-poll", min=0.05, max=3.0,
+        help="Seconds an idle SuperNode waits before asking the SuperLink for work again "
+             "(Flower's default: 3).")] = None,
 ) -> None:
     """Run this site's SuperNode so that it runs only approved app bundles.
 
@@ -275,7 +282,8 @@ def run_site_cmd(
 
     logging.basicConfig(level=logging.INFO, format="fedrad site run %(levelname)s %(message)s")
     try:
-        code = run_site(list(ctx.args), approved, runtime_port=runtime_port)
+        code = run_site(list(ctx.args), approved, runtime_port=runtime_port,
+                        launcher=launcher, supernode_poll=supernode_poll)
     except FedradError as err:
         raise _fail(err) from None
     raise typer.Exit(code=code)
