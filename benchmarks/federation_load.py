@@ -72,7 +72,13 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _federation import BIN, LoopbackFederation, free_port  # noqa: E402
-from simulation_scale import DEFAULT_DATA, _children_map, prepare_caches  # noqa: E402
+from simulation_scale import (  # noqa: E402
+    DEFAULT_DATA,
+    _children_map,
+    _cpu_ticks,
+    _memory_kb,
+    prepare_caches,
+)
 
 TRAINED = re.compile(r"site (\S+) round (\d+): trained on (\d+) samples, loss \S+, "
                      r"([\d.]+) img/s")
@@ -83,17 +89,6 @@ ROUND_DONE = re.compile(r"round (\d+)/(\d+) metrics")
 
 
 # --------------------------------------------------------------------------- sampling
-
-
-def _mem_kb(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Rss:"):
-                rss = int(line.split()[1])
-            elif line.startswith("Pss:"):
-                pss = int(line.split()[1])
-    return rss, pss
 
 
 def _cmdline(pid: int) -> str:
@@ -128,11 +123,10 @@ class Sampler(threading.Thread):
     def _cpu(self, group: str, pid: int) -> None:
         """Remember ``pid``'s CPU ticks so far (a process that ended keeps its last)."""
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            self._ticks[group][pid] = int(fields[11]) + int(fields[12])
+            ticks = _cpu_ticks(pid)
         except (OSError, ValueError, IndexError):
-            pass
+            return  # it has just ended: its last reading stands
+        self._ticks[group][pid] = ticks
 
     def sample(self) -> None:
         children = _children_map()  # one pass over /proc per sample
@@ -148,7 +142,7 @@ class Sampler(threading.Thread):
         link_rss = link_pss = app_rss = app_pss = 0
         for pid in process_tree(self.link_pid):
             try:
-                rss, pss = _mem_kb(pid)
+                rss, pss = _memory_kb(pid)
             except (OSError, ValueError):
                 continue
             if pid == self.link_pid:
@@ -158,7 +152,7 @@ class Sampler(threading.Thread):
                 # the ServerApp process and, below it, anything it starts
                 for sub in process_tree(pid):
                     try:
-                        r, p = _mem_kb(sub)
+                        r, p = _memory_kb(sub)
                     except (OSError, ValueError):
                         continue
                     app_rss, app_pss = app_rss + r, app_pss + p
@@ -167,7 +161,7 @@ class Sampler(threading.Thread):
         for root in self.site_pids:
             for pid in process_tree(root):
                 try:
-                    site_pss += _mem_kb(pid)[1]
+                    site_pss += _memory_kb(pid)[1]
                 except (OSError, ValueError):
                     continue
                 self._cpu("sites", pid)

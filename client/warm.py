@@ -106,7 +106,7 @@ def main():
         try:
             conn.sendall(b"S" + bytes([signum]))
         except OSError:
-            pass
+            return  # the zygote already closed the task: nothing left to signal
     for name in RELAYED:
         signal.signal(getattr(signal, name), relay)
     data = b""

@@ -73,7 +73,7 @@ def _actor_pids(root: int) -> set[int]:
             if b"ClientAppActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.add(pid)
         except OSError:
-            pass
+            continue  # the process ended while the tree was read
     return found
 
 
