@@ -208,6 +208,7 @@ def train_on_site(
         channels_last=settings.channels_last,
         seed=settings.seed + server_round,
         proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
+        augment=settings.augment,
     )
     state = {k: v.detach().to("cpu").to(dtypes[k]) for k, v in model.state_dict().items()}
     # DP (dp-noise-multiplier > 0): clip and noise the update, record it in the ledger

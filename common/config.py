@@ -56,6 +56,10 @@ class Settings:
     optimizer: str = field(default="sgd", metadata=_meta("local optimiser", choices=_OPTIMIZERS))
     momentum: float = field(default=0.9, metadata=_meta("SGD momentum", minimum=0.0, maximum=1.0))
     weight_decay: float = field(default=0.0, metadata=_meta("weight decay", minimum=0.0))
+    augment: str = field(default="none", metadata=_meta(
+        "training-time augmentation: none, or affine (each training image under its own "
+        "random rotation up to 10 degrees, zoom 0.85-1.15 and shift up to 8 %; no flips)",
+        choices=("none", "affine")))
     lr_decay: float = field(default=1.0, metadata=_meta(
         "multiply the learning rate by this after every round", minimum=0.0, maximum=1.0))
     val_fraction: float = field(default=0.2, metadata=_meta(

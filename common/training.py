@@ -40,6 +40,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+#: Training-time augmentations (the ``augment`` setting; see :func:`random_affine`).
+AUGMENTATIONS: tuple[str, ...] = ("none", "affine")
+#: :func:`random_affine`'s ranges: rotation (degrees), zoom factors, shift (fraction of size).
+AFFINE_ROTATION_DEG = 10.0
+AFFINE_ZOOM = (0.85, 1.15)
+AFFINE_SHIFT = 0.08
 PIXEL_MEAN = 0.5  # of the [0, 1] preprocessed pixel values
 PIXEL_STD = 0.25
 CHECK_EVERY = 50  # CUDA: batches between loss checks (each one waits for the GPU)
@@ -228,6 +234,36 @@ class _BatchSource:
         return normalize_batch(raw, self.device, channels_last=self.channels_last)
 
 
+def random_affine(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of a normalised ``[B, 1, H, W]`` batch under its own random affine map.
+
+    Rotation up to :data:`AFFINE_ROTATION_DEG` either way, zoom in :data:`AFFINE_ZOOM`
+    (> 1 enlarges the anatomy), shift up to :data:`AFFINE_SHIFT` of the image size along
+    each axis; bilinear, with black (pixel value 0) where the map leaves the image.  No
+    flips: a mirrored chest radiograph is not a radiograph of anyone (laterality matters).
+    The draws come from ``generator`` (a CPU generator), so a seed gives the same batch on
+    the CPU and on a GPU.
+    """
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    r = torch.rand((b, 4), generator=generator, dtype=torch.float64)
+    angle = (2 * r[:, 0] - 1) * math.radians(AFFINE_ROTATION_DEG)
+    zoom = AFFINE_ZOOM[0] + r[:, 1] * (AFFINE_ZOOM[1] - AFFINE_ZOOM[0])
+    shift = (2 * r[:, 2:] - 1) * (2 * AFFINE_SHIFT)  # grid coordinates span 2 per side
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape),
+                         align_corners=False)
+    black = -PIXEL_MEAN / PIXEL_STD  # a 0 pixel after normalize_batch
+    out = F.grid_sample(x - black, grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False).add_(black)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def _make_optimizer(
     model: nn.Module, optimizer: str, learning_rate: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -275,6 +311,7 @@ def train_local(
     channels_last: bool = True,
     seed: int = 0,
     proximal_mu: float = 0.0,
+    augment: str = "none",
     max_batches: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on a site's cached images with cross-entropy.
@@ -304,6 +341,9 @@ def train_local(
     proximal_mu:
         FedProx: when > 0, adds the gradient of ``(mu / 2) * ||w - w_start||^2`` (w_start:
         the weights at the call's start, i.e. the global model) to every step.
+    augment:
+        ``"none"``, or ``"affine"``: every training batch passes through
+        :func:`random_affine` (draws seeded by ``seed``, separate from the batch order).
     max_batches:
         At most this many batches per epoch (smoke tests, benchmarks); None for all.
 
@@ -330,6 +370,8 @@ def train_local(
         raise ConfigError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if proximal_mu < 0:
         raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu!r}")
+    if augment not in AUGMENTATIONS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
 
     image_tensor = _as_uint8_tensor(images)
     n = int(image_tensor.shape[0])
@@ -364,6 +406,7 @@ def train_local(
     )
     labels_dev = label_tensor.to(device)
     generator = torch.Generator().manual_seed(int(seed))
+    aug_generator = torch.Generator().manual_seed(int(seed) + 7919)
 
     batches_per_epoch = math.ceil(n / batch_size)
     if n > 1 and n % batch_size == 1:
@@ -383,6 +426,8 @@ def train_local(
             for b in range(batches_per_epoch):
                 lo, hi = b * batch_size, min((b + 1) * batch_size, n)
                 x = source.batch(order[lo:hi], order_dev[lo:hi])
+                if augment == "affine":
+                    x = random_affine(x, aug_generator)
                 y = labels_dev.index_select(0, order_dev[lo:hi])
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = model(x)

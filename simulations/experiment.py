@@ -411,7 +411,8 @@ def _train_schedule(settings: Settings, images: np.ndarray, labels: np.ndarray,
             learning_rate=settings.learning_rate * settings.lr_decay ** r,
             optimizer=settings.optimizer, momentum=settings.momentum,
             weight_decay=settings.weight_decay, device=device, amp=settings.amp,
-            channels_last=settings.channels_last, seed=settings.seed + r + 1)
+            channels_last=settings.channels_last, seed=settings.seed + r + 1,
+            augment=settings.augment)
     return model
 
 

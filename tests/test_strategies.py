@@ -213,6 +213,18 @@ def test_fedprox_keeps_the_site_model_closer_to_the_global_one(tmp_path: Path) -
     assert _distance(prox, start) < 0.8 * _distance(plain, start)
 
 
+def test_the_augment_setting_reaches_the_sites_training(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    site = SiteContext("site-a", _write_site(tmp_path / "cache", 40, 0))
+    torch.manual_seed(0)
+    start = ArrayRecord(model_from_settings(_site_settings()).state_dict())
+    plain, m_plain = train_on_site(start, _site_settings(), site)
+    aug, m_aug = train_on_site(start, _site_settings(augment="affine"), site)
+    aug2, _ = train_on_site(start, _site_settings(augment="affine"), site)
+    assert m_plain["train-loss"] != m_aug["train-loss"]
+    assert _distance(aug, plain) > 0 and _distance(aug, aug2) == 0.0
+
+
 def _train_message(arrays: ArrayRecord, settings, server_round: int, kind: str = "train"):
     config = ConfigRecord({**settings.to_site_config(), "server-round": server_round})
     return Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=1,

@@ -13,6 +13,7 @@ from fedrad.common.training import (
     TrainResult,
     normalize_batch,
     predict_scores,
+    random_affine,
     select_device,
     train_local,
 )
@@ -162,6 +163,61 @@ def test_same_seed_same_weights_on_cpu():
         torch.equal(wa, wc)
         for wa, wc in zip(a.state_dict().values(), c.state_dict().values(), strict=True)
     )
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _batch(images: np.ndarray) -> torch.Tensor:
+    return normalize_batch(torch.from_numpy(images), torch.device("cpu"))
+
+
+def test_random_affine_moves_each_image_within_its_ranges():
+    rng = np.random.default_rng(0)
+    images = np.zeros((6, 32, 32), dtype=np.uint8)
+    images[:, 12:20, 12:20] = 255  # a bright square on black
+    images[5] = rng.integers(0, 256, size=(32, 32))
+    x = _batch(images)
+    out = random_affine(x, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    black = float(_batch(np.zeros((1, 2, 2), np.uint8))[0, 0, 0, 0])
+    white = float(_batch(np.full((1, 2, 2), 255, np.uint8))[0, 0, 0, 0])
+    # outside the map is black, never below it; bilinear never overshoots white
+    assert float(out.min()) >= black - 1e-5 and float(out.max()) <= white + 1e-5
+    # every image changed, each differently; the square's area stays within the zoom range
+    for i in range(5):
+        assert not torch.allclose(out[i], x[i], atol=1e-3)
+        bright = float(((out[i] - black) / (white - black)).sum())
+        assert 64 * 0.85**2 * 0.9 <= bright <= 64 * 1.15**2 * 1.1, (i, bright)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+    # the same generator seed, the same maps; another seed, other maps
+    again = random_affine(x, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    other = random_affine(x, torch.Generator().manual_seed(4))
+    assert not torch.allclose(out, other, atol=1e-3)
+
+
+def test_random_affine_keeps_laterality():
+    """No flips: a bright left half stays mostly on the left."""
+    images = np.zeros((16, 32, 32), dtype=np.uint8)
+    images[:, :, :16] = 255
+    out = random_affine(_batch(images), torch.Generator().manual_seed(0))
+    left, right = out[..., :16].mean(dim=(1, 2, 3)), out[..., 16:].mean(dim=(1, 2, 3))
+    assert bool((left > right).all())
+
+
+def test_affine_augmentation_trains_reproducibly_and_differs_from_none():
+    images, labels = make_data()
+    a, b, c = tiny_model(5), tiny_model(5), tiny_model(5)
+    ra = train(a, images, labels, epochs=2, augment="affine")
+    rb = train(b, images, labels, epochs=2, augment="affine")
+    rc = train(c, images, labels, epochs=2, augment="none")
+    assert ra.mean_loss == rb.mean_loss and np.isfinite(ra.mean_loss)
+    for (key, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(wa, wb), key
+    assert ra.mean_loss != rc.mean_loss
+    with pytest.raises(ConfigError, match="augment must be one of none, affine"):
+        train(tiny_model(), images, labels, augment="mixup")
 
 
 def _distance(model: nn.Module, start: dict[str, torch.Tensor]) -> float:
