@@ -64,6 +64,28 @@ def test_train_then_evaluate_on_site(tmp_path: Path, settings) -> None:
     assert counts.confusion.sum() == 8
 
 
+def test_the_reused_model_carries_nothing_from_one_message_to_the_next(
+        tmp_path: Path, settings, monkeypatch) -> None:
+    """Sites reuse one model object between messages; results equal a fresh model's."""
+    from fedrad.client import client_app as module
+
+    site = SiteContext("site-a", _write_site(tmp_path / "cache"))
+    start = _initial(settings)
+    first, _ = train_on_site(start, settings, site, server_round=1)
+    scores = evaluate_on_site(start, settings, site)
+    again, _ = train_on_site(start, settings, site, server_round=1)  # after an evaluate
+    other = load_settings({**settings.to_run_config(), "image-size": 32})
+    module._model_for(other)  # another architecture in between replaces the cached one
+    assert module._model_for(settings) is module._model_for(settings)
+    monkeypatch.setattr(module, "_model_for", module.model_from_settings)  # fresh every time
+    fresh, _ = train_on_site(start, settings, site, server_round=1)
+    fresh_scores = evaluate_on_site(start, settings, site)
+    for result in (again, fresh):
+        a, b = first.to_torch_state_dict(), result.to_torch_state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert scores == fresh_scores
+
+
 def test_image_size_mismatch_is_a_clear_error(tmp_path: Path, settings) -> None:
     site = SiteContext("site-a", _write_site(tmp_path / "cache"))
     wrong = settings.replace(image_size=64)
