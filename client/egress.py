@@ -36,7 +36,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app.message.arraychunk import ArrayChunk
+from flwr.supercore.inflatable.inflatable_object import (
+    add_header_to_object_body,
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 
 from fedrad.common.errors import FedradError
 
@@ -151,8 +156,17 @@ def _describe_keys(record: Mapping[str, Any], what: str) -> str:
     return f"{len(parts)} {what}: {_names(parts)}" if parts else f"no {what}"
 
 
+def _deflated_size(obj: Any) -> int:
+    """Length of ``obj.deflate()``; for an array chunk without copying its data."""
+    if isinstance(obj, ArrayChunk):  # header (it ends with the body's length) + the data
+        size = len(obj.data)
+        return len(add_header_to_object_body(b"", obj)) - 1 + len(str(size)) + size
+    return len(obj.deflate())
+
+
 def _object_bytes(obj: Any) -> int:
-    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+    """Bytes of every object ``obj`` is sent as (itself and all its nested objects)."""
+    return sum(_deflated_size(o) for o in get_all_nested_objects(obj).values())
 
 
 def describe_record(name: str, record: Any) -> dict[str, Any]:
@@ -189,7 +203,16 @@ def _now() -> str:
 
 
 def describe_reply(reply: Message, incoming: Message) -> EgressEntry:
-    """The egress-log entry for ``reply``, the answer to ``incoming``."""
+    """The egress-log entry for ``reply``, the answer to ``incoming``.
+
+    Object IDs (SHA-256 of each object's content) are computed once per object here,
+    not once per parent that names them: a ResNet-18 reply costs one pass over its 45 MB.
+    """
+    with no_object_id_recompute():
+        return _describe_reply(reply, incoming)
+
+
+def _describe_reply(reply: Message, incoming: Message) -> EgressEntry:
     meta = incoming.metadata
     common = {"time": _now(), "run_id": int(meta.run_id),
               "server_round": _server_round(incoming), "message_type": meta.message_type}
