@@ -29,8 +29,11 @@ Columns
     Peak proportional set size (PSS, from ``/proc/PID/smaps_rollup``; shared pages such as
     Ray's object store and the memory-mapped caches are split among the processes that map
     them, so the sum is not inflated) of the whole process tree during the simulation: the
-    driver, the GCS and raylet, and every Ray worker and actor; sampled every 0.5 s.
-    ``RSS MB`` sums RSS over the same tree (shared pages counted once per process);
+    driver, the GCS and raylet, and every Ray worker and actor; sampled every
+    ``--pss-interval`` seconds (3 s: reading ``smaps_rollup`` walks each process's page
+    tables, ~25 ms per 1.5 GB process, which at 0.5 s would take a tenth of a core away
+    from the run it measures).  ``RSS MB`` sums RSS (from the cheap ``/proc/PID/statm``,
+    every 0.5 s) over the same tree (shared pages counted once per process);
     ``driver`` is the peak PSS of the driver alone (the ServerApp, Flower's in-memory
     SuperLink state holding every message and reply, and the Ray driver).
 ``procs``
@@ -45,6 +48,7 @@ Usage (fedrad must be importable)::
     python benchmarks/simulation_scale.py                           # 5,10,20,50 sites, secure
     python benchmarks/simulation_scale.py --sites 5 --rounds 2 --images-per-site 40  # quick
     python benchmarks/simulation_scale.py --sites 10 --secure --plain
+    python benchmarks/simulation_scale.py --sites 10 --plain --images-per-site 0  # whole split
 """
 
 from __future__ import annotations
@@ -107,6 +111,15 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _rss_kb(pid: int) -> int:
+    """Resident set size from ``/proc/PID/statm`` (cheap, unlike ``smaps_rollup``)."""
+    with open(f"/proc/{pid}/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE_KB
+
+
 def _cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
@@ -117,10 +130,14 @@ def _cpu_ticks(pid: int) -> int:
 class TreeSampler(threading.Thread):
     """Samples PSS, RSS and CPU time of a process tree in the background."""
 
-    def __init__(self, root: int | None = None, interval: float = 0.5) -> None:
+    def __init__(self, root: int | None = None, interval: float = 0.5,
+                 pss_interval: float = 3.0) -> None:
         super().__init__(daemon=True)
         self.root = root or os.getpid()
         self.interval = interval
+        #: PSS (``smaps_rollup``) is read at most this often; CPU and RSS every sample
+        self.pss_interval = pss_interval
+        self._pss_at = float("-inf")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.cpu_first: dict[int, int] = {}
@@ -134,35 +151,43 @@ class TreeSampler(threading.Thread):
             self.peak_pss = self.peak_rss = self.peak_procs = self.peak_root_pss = 0
             self.cpu_first, self.cpu_last = {}, {}
             self._new_phase = True
-        self.sample()
+        self.sample(pss=True)
 
     def cpu_seconds(self) -> float:
         """CPU seconds used by the tree since :meth:`reset` (as last sampled)."""
-        self.sample()
+        self.sample(pss=False)
         with self._lock:
             ticks = sum(self.cpu_last[p] - self.cpu_first.get(p, 0) for p in self.cpu_last)
         return ticks / _CLK
 
-    def sample(self) -> None:
-        """Take one sample now."""
-        pss = rss = procs = root_pss = 0
+    def sample(self, pss: bool | None = None) -> None:
+        """Take one sample now (PSS too when ``pss`` or ``pss_interval`` has passed)."""
+        now = time.monotonic()
+        with_pss = pss if pss is not None else now - self._pss_at >= self.pss_interval
+        if with_pss:
+            self._pss_at = now
+        total_pss = rss = procs = root_pss = 0
         cpu: dict[int, int] = {}
         for pid in process_tree(self.root):
             try:
-                r, p = _memory_kb(pid)
+                if with_pss:
+                    r, p = _memory_kb(pid)
+                else:
+                    r, p = _rss_kb(pid), 0
                 cpu[pid] = _cpu_ticks(pid)
-            except (OSError, ValueError):
-                continue
-            rss, pss, procs = rss + r, pss + p, procs + 1
+            except (OSError, ValueError, IndexError):
+                continue  # the process ended between listing and reading: not counted
+            rss, total_pss, procs = rss + r, total_pss + p, procs + 1
             if pid == self.root:
                 root_pss = p
+        pss_kb = total_pss
         with self._lock:
             for pid, ticks in cpu.items():
                 # processes alive at reset count from there; later ones from their birth
                 self.cpu_first.setdefault(pid, ticks if self._new_phase else 0)
                 self.cpu_last[pid] = ticks
             self._new_phase = False
-            self.peak_pss = max(self.peak_pss, pss)
+            self.peak_pss = max(self.peak_pss, pss_kb)
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_procs = max(self.peak_procs, procs)
             self.peak_root_pss = max(self.peak_root_pss, root_pss)
@@ -181,13 +206,16 @@ class TreeSampler(threading.Thread):
 
 def prepare_caches(num_sites: int, images_per_site: int, root: Path, data: Path,
                    seed: int = 0) -> tuple[dict[int, Any], int, list[str]]:
-    """Write and prepare ``num_sites`` IID PneumoniaMNIST sites (reused when present)."""
+    """Write and prepare ``num_sites`` IID PneumoniaMNIST sites (reused when present).
+
+    ``images_per_site`` 0 splits the whole training split among the sites.
+    """
     from fedrad.client.client_app import SiteContext
     from fedrad.common.config import load_settings
     from fedrad.simulations.demo import MEDMNIST_DEFAULTS, prepare_federation
     from fedrad.simulations.medmnist import write_medmnist_federation
 
-    where = root / f"{num_sites}-sites-{images_per_site}"
+    where = root / f"{num_sites}-sites-{images_per_site or 'all'}"
     done = where / "caches.json"
     if done.is_file():
         saved = json.loads(done.read_text())
@@ -196,7 +224,7 @@ def prepare_caches(num_sites: int, images_per_site: int, root: Path, data: Path,
         return sites, saved["num_classes"], saved["class_names"]
     federation = write_medmnist_federation(
         data, where / "dicom", num_sites=num_sites, scheme="iid", seed=seed,
-        max_train_per_site=images_per_site, max_test=16, workers=2, overwrite=True)
+        max_train_per_site=images_per_site or None, max_test=16, workers=2, overwrite=True)
     base = load_settings({**MEDMNIST_DEFAULTS, "min-sites": 1,
                           "num-classes": len(federation.class_names),
                           "class-names": ",".join(federation.class_names)})
@@ -301,7 +329,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "local-epochs": args.local_epochs, "batch-size": args.batch_size,
         **dict(_setting(kv) for kv in args.set),
     })
-    sampler = TreeSampler()
+    sampler = TreeSampler(pss_interval=args.pss_interval)
     sampler.start()
 
     stamps: list[float] = []
@@ -382,7 +410,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images-per-site", type=int, default=90,
                         help="training+validation images per site (PneumoniaMNIST has 4,708 "
-                             "training images: 50 sites x 90 fit)")
+                             "training images: 50 sites x 90 fit); 0 splits all of them "
+                             "among the sites (10 sites: ~470 each)")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--secure", action="store_true", help="secure aggregation (default)")
@@ -393,6 +422,8 @@ def main() -> None:
     parser.add_argument("--data-path", default=str(DEFAULT_DATA))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another run setting, e.g. --set secagg-degree=8 (repeatable)")
+    parser.add_argument("--pss-interval", type=float, default=3.0,
+                        help="seconds between PSS readings (smaps_rollup is costly)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--one-sites", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-mode", help=argparse.SUPPRESS)
@@ -420,7 +451,7 @@ def main() -> None:
                      "--rounds", str(args.rounds), "--images-per-site", str(args.images_per_site),
                      "--local-epochs", str(args.local_epochs), "--batch-size",
                      str(args.batch_size), "--cache-root", args.cache_root,
-                     "--data-path", args.data_path]
+                     "--data-path", args.data_path, "--pss-interval", str(args.pss_interval)]
             child += [f"--set={kv}" for kv in args.set]
             child += ["--no-baseline"] if args.no_baseline else []
             proc = subprocess.run(child, capture_output=True, text=True)
