@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.app.message.arraychunk import ArrayChunk
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.inflatable.inflatable_object import (
     add_header_to_object_body,
     get_all_nested_objects,

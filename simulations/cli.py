@@ -12,8 +12,6 @@ from rich.console import Console
 from fedrad.common.config import parse_overrides
 from fedrad.common.errors import FedradError
 
-from .demo import DemoOptions, run_demo
-
 console = Console()
 
 
@@ -48,6 +46,8 @@ def demo(
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         fedrad_log.addHandler(handler)
     fedrad_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    from .demo import DemoOptions, run_demo  # imports torch: only when the demo runs
+
     try:
         overrides = parse_overrides(set_)
         if rounds is not None:

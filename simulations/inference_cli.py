@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -21,27 +21,29 @@ from rich.table import Table
 
 from fedrad.common.cache import load_cache
 from fedrad.common.errors import FedradError
-from fedrad.common.heatmaps import heatmap_grid_png, overlay_png
-from fedrad.common.inference import (
-    STAGES,
-    LoadedModel,
-    Prediction,
-    Predictor,
-    check_onnx,
-    evaluate_images,
-    export_onnx,
-    load_checkpoint_model,
-    plot_confusion,
-    plot_roc,
-    preprocess_images,
-)
 
 from .medmnist import load_medmnist
+
+if TYPE_CHECKING:
+    from fedrad.common.inference import LoadedModel, Prediction
 
 __all__ = ["predict", "evaluate", "export", "collect_files", "write_predictions_csv"]
 
 console = Console()
 log = logging.getLogger(__name__)
+
+
+def _inference():
+    """fedrad.common.inference, imported (with torch) only when a command runs."""
+    from fedrad.common import inference
+
+    return inference
+
+
+def _heatmaps():
+    from fedrad.common import heatmaps
+
+    return heatmaps
 
 CheckpointArg = Annotated[Path, typer.Argument(
     help="A checkpoint written by the fedrad server (model-latest.pt or "
@@ -77,7 +79,7 @@ def write_predictions_csv(path: Path, results: list[Prediction], class_names: li
                           ) -> Path:
     """One row per file: probabilities, predicted class, per-stage latency, heatmap, error."""
     columns = (["file", "status"] + [f"p_{c}" for c in class_names] + ["predicted"]
-               + [f"{s}_ms" for s in (*STAGES, "total")] + ["heatmap", "error"])
+               + [f"{s}_ms" for s in (*_inference().STAGES, "total")] + ["heatmap", "error"])
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -98,7 +100,7 @@ def _latency_table(results: list[Prediction], device: str) -> Table:
     table = Table(title=f"per-image latency on {device} (ms, median of {len(results)})")
     for column in ("stage", "median", "min", "max"):
         table.add_column(column, justify="left" if column == "stage" else "right")
-    for stage in (*STAGES, "total"):
+    for stage in (*_inference().STAGES, "total"):
         values = [r.timings_ms[stage] for r in results if stage in r.timings_ms]
         if values:
             table.add_row(stage, f"{np.median(values):.1f}", f"{min(values):.1f}",
@@ -127,8 +129,8 @@ def predict(
     predicted, 1 when some could not be, 2 for a bad checkpoint or option.
     """
     try:
-        loaded = load_checkpoint_model(checkpoint, device=device)
-        predictor = Predictor(loaded, heatmaps=heatmaps, crop_square=crop_square)
+        loaded = _inference().load_checkpoint_model(checkpoint, device=device)
+        predictor = _inference().Predictor(loaded, heatmaps=heatmaps, crop_square=crop_square)
     except FedradError as err:
         raise _fail(err) from None
     files = collect_files(dicom)
@@ -152,7 +154,7 @@ def predict(
             result = predictor.predict_files([path])[0]
         if result.ok and heatmaps and result.heatmap is not None and result.image is not None:
             name = f"{index:04d}-{path.stem}.png"
-            overlay_png(heat_dir / name, result.image, result.heatmap)
+            _heatmaps().overlay_png(heat_dir / name, result.image, result.heatmap)
             result.heatmap_png = f"heatmaps/{name}"
         results.append(result)
         if result.ok and result.probabilities is not None and result.predicted is not None:
@@ -202,7 +204,7 @@ def _load_labelled(data: Path, loaded: LoadedModel, split: str, max_images: int 
                 "federation's")
         images, labels, what = _subset(*dataset.split(split), f"{data.name} ({split} split, "
                                        "preprocessed as the sites do)", max_images)
-        return preprocess_images(images, loaded.settings), np.asarray(labels), what
+        return _inference().preprocess_images(images, loaded.settings), np.asarray(labels), what
     raise FedradError(
         "bad-data", f"--data must be a prepared cache folder (fedrad site prepare) or a "
         f"MedMNIST-format .npz file; got {data.name!r}", local_detail=str(data))
@@ -256,11 +258,11 @@ def evaluate(
     Writes OUT/metrics.json, OUT/confusion.png, OUT/roc.png and OUT/heatmaps.png.
     """
     try:
-        loaded = load_checkpoint_model(checkpoint, device=device)
+        loaded = _inference().load_checkpoint_model(checkpoint, device=device)
         images, labels, what = _load_labelled(data, loaded, split, max_images)
         positive: int | str = int(positive_class) if positive_class.isdigit() else \
             positive_class
-        result = evaluate_images(loaded, images, labels, batch_size=batch_size,
+        result = _inference().evaluate_images(loaded, images, labels, batch_size=batch_size,
                                  positive_class=positive)
     except FedradError as err:
         raise _fail(err) from None
@@ -270,19 +272,19 @@ def evaluate(
     pos_index = (names.index(positive) if isinstance(positive, str) else positive) \
         if len(names) == 2 else 1
     title = f"{loaded.name}, round {loaded.server_round}, {what}"
-    plot_confusion(out / "confusion.png", result.counts, names, title=title)
-    plot_roc(out / "roc.png", result.counts, names, m, positive_class=pos_index,
+    _inference().plot_confusion(out / "confusion.png", result.counts, names, title=title)
+    _inference().plot_roc(out / "roc.png", result.counts, names, m, positive_class=pos_index,
              title=title)
     chosen = _sample(result.labels, result.scores, heatmaps)
     if chosen:
-        predictor = Predictor(loaded)
+        predictor = _inference().Predictor(loaded)
         x = predictor.input_batch(images[chosen])
         maps = predictor.heatmap(x, [int(np.argmax(result.scores[i])) for i in chosen])
         maps_np = maps.cpu().numpy()
         titles = [f"true {names[result.labels[i]]}\npred {names[int(np.argmax(result.scores[i]))]}"
                   f" p={result.scores[i].max():.2f}" for i in chosen]
-        heatmap_grid_png(out / "heatmaps.png", [images[i] for i in chosen], list(maps_np),
-                         titles, suptitle=title)
+        _heatmaps().heatmap_grid_png(out / "heatmaps.png", [images[i] for i in chosen],
+                                     list(maps_np), titles, suptitle=title)
     report = {
         "checkpoint": str(checkpoint),
         "round": loaded.server_round,
@@ -319,14 +321,14 @@ def export(
 ) -> None:
     """Export a checkpoint's model to ONNX (dynamic batch axis) for edge devices."""
     try:
-        loaded = load_checkpoint_model(checkpoint, device="cpu")
-        path = export_onnx(loaded, out, opset=opset)
+        loaded = _inference().load_checkpoint_model(checkpoint, device="cpu")
+        path = _inference().export_onnx(loaded, out, opset=opset)
         console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input 'image' "
                       f"[batch, 1, {loaded.settings.image_size}, {loaded.settings.image_size}]"
                       f", output 'logits' [batch, {loaded.settings.num_classes}]",
                       highlight=False)
         if check:
-            diff = check_onnx(loaded, path)
+            diff = _inference().check_onnx(loaded, path)
             verdict = "ok" if diff <= 1e-3 else "[red]MISMATCH[/red]"
             console.print(f"ONNX Runtime vs PyTorch: max |logit difference| = {diff:.2e} "
                           f"{verdict}")

@@ -188,3 +188,13 @@ def test_site_run_refuses_an_unknown_launcher_or_poll(tmp_path: Path, monkeypatc
     monkeypatch.setenv("FEDRAD_SUPERNODE_POLL", "soon")
     with pytest.raises(FedradError, match="number of seconds"):
         run_site(["--superlink", "x:1"], allow)
+
+
+def test_the_fedrad_command_does_not_import_torch() -> None:
+    """`fedrad site run` stays resident beside its SuperNode: torch (~0.5 GB) only loads
+    in the commands that train, predict or list models."""
+    code = ("import sys, fedrad.cli; heavy = sorted(m for m in ('torch', 'torchvision', "
+            "'monai') if m in sys.modules); print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == ""
