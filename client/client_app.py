@@ -184,12 +184,6 @@ def _norm_keys(model: str, num_classes: int, image_size: int, stem: str) -> tupl
     return tuple(norm_state_keys(model_from_settings(settings)))
 
 
-def local_norms_of(settings: Settings, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    """The normalisation-layer tensors of ``arrays`` (what a FedBN site keeps)."""
-    keys = _norm_keys(settings.model, settings.num_classes, settings.image_size, settings.stem)
-    return {k: np.array(arrays[k].numpy()) for k in keys if k in arrays}
-
-
 def _stored_norms(context: Context, settings: Settings) -> dict[str, np.ndarray] | None:
     if settings.strategy != "fedbn" or LOCAL_NORMS not in context.state:
         return None
@@ -199,13 +193,16 @@ def _stored_norms(context: Context, settings: Settings) -> dict[str, np.ndarray]
 def train_on_site(
     arrays: ArrayRecord, settings: Settings, site: SiteContext, server_round: int = 1,
     run_id: int | str = "local", local_norms: Mapping[str, np.ndarray] | None = None,
+    kept_norms: dict[str, np.ndarray] | None = None,
 ) -> tuple[ArrayRecord, dict[str, int | float]]:
     """Train the received global model on the site's training split.
 
     ``local_norms`` (FedBN) replace the global model's normalisation layers before
     training; with ``strategy = fedprox`` the loss carries the proximal term
     ``proximal-mu``.  Returns the updated weights and the metrics to send:
-    ``num-examples`` (the count of training samples) and ``train-loss``.
+    ``num-examples`` (the count of training samples) and ``train-loss``.  ``kept_norms``,
+    when given, receives the trained normalisation-layer tensors as trained: what a FedBN
+    site keeps, never the clipped and noised values that differential privacy sends.
     """
     cache = _load_site_cache(str(site.data_dir))
     _check_cache(cache, settings, site)
@@ -234,6 +231,10 @@ def train_on_site(
         augment=settings.augment,
     )
     state = {k: v.detach().to("cpu").to(dtypes[k]) for k, v in model.state_dict().items()}
+    if kept_norms is not None:  # copies: the tensors are the (reused) model's own
+        keys = _norm_keys(settings.model, settings.num_classes, settings.image_size,
+                          settings.stem)
+        kept_norms.update({k: state[k].numpy().copy() for k in keys if k in state})
     # DP (dp-noise-multiplier > 0): clip and noise the update, record it in the ledger
     state, dp_metrics = privatize_update(arrays.to_torch_state_dict, state, settings, site,
                                          run_id, server_round)
@@ -344,12 +345,15 @@ def make_client_app(
             site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
             server_round = int(msg.content["config"].get("server-round", 1))
+            fedbn = settings.strategy == "fedbn"
+            trained_norms: dict[str, np.ndarray] = {}
             arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round,
                                             run_id=context.run_id,
-                                            local_norms=_stored_norms(context, settings))
-            if settings.strategy == "fedbn":  # the site's own norms stay here for next time
+                                            local_norms=_stored_norms(context, settings),
+                                            kept_norms=trained_norms if fedbn else None)
+            if fedbn:  # the site's own trained norms stay here for next time
                 context.state[LOCAL_NORMS] = ArrayRecord(
-                    {k: Array(v) for k, v in local_norms_of(settings, arrays).items()})
+                    {k: Array(v) for k, v in trained_norms.items()})
             if RECORD in msg.content:  # secure aggregation: only the masked update leaves
                 content = _secure_train_reply(msg, context, arrays, metrics)
             else:

@@ -225,6 +225,34 @@ def test_the_augment_setting_reaches_the_sites_training(tmp_path: Path) -> None:
     assert _distance(aug, plain) > 0 and _distance(aug, aug2) == 0.0
 
 
+def test_a_fedbn_site_with_dp_keeps_its_trained_norms_not_the_noised_ones(
+        tmp_path: Path, monkeypatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    torch.set_num_threads(1)
+    base = {"strategy": "fedbn", "secure-aggregation": False}
+    plain_settings = _site_settings(**base)
+    dp_settings = _site_settings(**base, **{"dp-noise-multiplier": 1.0, "dp-clip": 0.5})
+    torch.manual_seed(0)
+    global_model = ArrayRecord(model_from_settings(plain_settings).state_dict())
+    norm_keys = set(norm_state_keys(model_from_settings(plain_settings)))
+    kept = {}
+    for label, settings in (("plain", plain_settings), ("dp", dp_settings)):
+        app = make_client_app({0: SiteContext("site-a", _write_site(tmp_path / label, 40, 0))})
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0},
+                          state=RecordDict(), run_config={})
+        reply = app(_train_message(global_model, settings, 1), context)
+        kept[label] = {k: context.state[LOCAL_NORMS][k].numpy() for k in norm_keys}
+        kept[label + "-sent"] = {k: reply.content["arrays"][k].numpy() for k in norm_keys}
+    noised = [k for k in norm_keys
+              if not np.array_equal(kept["dp-sent"][k], kept["plain-sent"][k])]
+    assert noised  # DP changed what was sent ...
+    for key in norm_keys:  # ... but not what the site keeps: the same training, unnoised
+        np.testing.assert_array_equal(kept["dp"][key], kept["plain"][key])
+
+
 def _train_message(arrays: ArrayRecord, settings, server_round: int, kind: str = "train"):
     config = ConfigRecord({**settings.to_site_config(), "server-round": server_round})
     return Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=1,
