@@ -73,7 +73,8 @@ class Settings:
     min_sites: int = field(default=2, metadata=_meta(
         "fewest sites that must answer for a round to count", minimum=1))
     fraction_train: float = field(default=1.0, metadata=_meta(
-        "fraction of connected sites asked to train each round", minimum=0.0, maximum=1.0))
+        "fraction of connected sites asked to train each round (plain rounds: needs "
+        "secure-aggregation=false)", minimum=0.0, maximum=1.0))
     seed: int = field(default=0, metadata=_meta("random seed", minimum=0))
     denoise_sigma: float = field(default=0.5, metadata=_meta(
         "Gaussian noise-reduction sigma in output pixels (0 disables)", minimum=0.0))
@@ -259,6 +260,11 @@ def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any)
             f"cv-folds={settings.cv_folds}, cv-fold={settings.cv_fold}")
     if settings.secagg_threshold == 1:
         raise ConfigError("'secagg-threshold' must be 0 (automatic) or at least 2; got 1")
+    if settings.fraction_train < 1.0 and settings.secure_aggregation:
+        raise ConfigError(
+            f"'fraction-train' {settings.fraction_train:g} samples sites in plain rounds only: "
+            "under secure aggregation every site that holds keys trains each round. Set "
+            "secure-aggregation=false to sample, or leave fraction-train at 1.0")
     if settings.strategy in ROBUST_STRATEGIES and settings.secure_aggregation:
         raise ConfigError(
             f"'strategy' {settings.strategy} needs each site's own update, which secure "

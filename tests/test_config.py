@@ -74,3 +74,10 @@ def test_parse_overrides() -> None:
     assert parse_overrides(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["oops"])
+
+
+def test_fraction_train_under_secure_aggregation_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match="'fraction-train' 0.5 .*secure-aggregation=false"):
+        load_settings({"fraction-train": 0.5})
+    assert load_settings({"fraction-train": 0.5,
+                          "secure-aggregation": False}).fraction_train == 0.5
