@@ -196,8 +196,7 @@ class Sampler(threading.Thread):
 # --------------------------------------------------------------------------- set-up
 
 #: ``fedrad site run`` without the rest of fedrad's CLI: the same ``run_site`` call and
-#: logging as ``fedrad site run`` (client/cli.py), in a process that has not imported torch
-#: (the CLI module imports torch through fedrad.common.models: ~0.5 GB per idle site).
+#: logging as ``fedrad site run`` (client/cli.py); neither imports torch.
 RUNNER = ("import logging, sys; from pathlib import Path;"
           "from fedrad.client.approval import run_site;"
           "logging.basicConfig(level=logging.INFO,"
@@ -499,9 +498,9 @@ def main() -> None:
     parser.add_argument("--min-free-gb", type=float, default=3.0)
     parser.add_argument("--round-timeout", type=float, default=900.0)
     parser.add_argument("--run-timeout", type=float, default=3600.0)
-    parser.add_argument("--site-command", choices=("runner", "cli"), default="runner",
-                        help="start each site with run_site directly (default) or with the "
-                             "'fedrad site run' CLI (the same call, plus ~0.5 GB per site)")
+    parser.add_argument("--site-command", choices=("runner", "cli"), default="cli",
+                        help="start each site with the 'fedrad site run' command (default, "
+                             "what the site container runs) or with its run_site call alone")
     parser.add_argument("--launcher", choices=("warm", "cold"),
                         help="FEDRAD_SITE_LAUNCHER for the sites (default: run_site's)")
     parser.add_argument("--poll", type=float,
