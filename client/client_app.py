@@ -41,6 +41,7 @@ from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
 from fedrad.common.metrics import count_outcomes, counts_to_metrics
 from fedrad.common.models import model_from_settings, norm_state_keys
+from fedrad.common.ray_transport import in_ray_worker, use_out_of_band_arrays
 from fedrad.common.secagg.wire import (
     ECHO,
     MASKED,
@@ -335,6 +336,8 @@ def make_client_app(
             import torch
 
             torch.set_num_threads(threads)
+        if in_ray_worker():  # a simulated site: its replies' weights go to Ray out of band
+            use_out_of_band_arrays()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

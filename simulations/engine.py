@@ -9,7 +9,8 @@ starts 3 actors, not 16), and on a GPU machine every actor gets an equal share o
 Memory therefore grows with the number of actors, not with the number of sites: 50 sites
 on 2 cores run in the same two actors as 5 sites do.  Ray's shared object store, through
 which each message (the whole model) passes on its way to and from an actor, is capped
-at :data:`OBJECT_STORE_BYTES` instead of Ray's default of 30 % of the machine's memory.
+at :data:`OBJECT_STORE_BYTES` instead of Ray's default of 30 % of the machine's memory,
+and the models' values pass through it out of band (:mod:`fedrad.common.ray_transport`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def run_in_simulation(server_app: ServerApp, client_app: ClientApp, num_sites: i
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
+    from fedrad.common.ray_transport import use_out_of_band_arrays
+
+    use_out_of_band_arrays()  # what the ServerApp sends (the sites' actors do the same)
     config = simulation_backend_config(num_sites, cpus_per_site=cpus_per_site)
     log.info("simulation: %d sites on %d Ray actors", num_sites,
              int(config["init_args"]["num_cpus"]) // cpus_per_site)

@@ -1,0 +1,63 @@
+"""How Flower's simulation engine moves model weights between its Ray processes.
+
+In a simulation every message (a whole model: 45 MB for ResNet-18) is pickled by Ray on
+its way to a site's actor and back.  A Flower :class:`~flwr.app.Array` keeps its values
+as one ``bytes`` object, which Ray pickles *in band*: copied into the pickle, copied into
+the object store and copied out again.  :func:`use_out_of_band_arrays` registers a Ray
+serializer that hands the values to Ray as a numpy buffer instead, which Ray writes to
+its object store once (pickle protocol 5, out of band); the receiver copies them into a
+new ``bytes`` once.  Two copies of every model trip instead of four: on this project's
+2-core test machine a 10-site plain round (ResNet-18, 28 px) took 2.11 s instead of 2.44 s
+with 90 images per site, and 4.95-5.55 s instead of 5.61 s with ~470.
+
+Only the Ray transport of a simulation changes; the arrays arrive bit for bit, and a
+deployed SuperLink/SuperNode (no Ray) never calls this.  The registration is per process:
+:func:`~fedrad.simulations.engine.run_in_simulation` makes it in the driver (what the
+ServerApp sends) and fedrad's ClientApp in each Ray actor (what the sites send back).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+__all__ = ["array_from_wire", "array_to_wire", "in_ray_worker", "use_out_of_band_arrays"]
+
+_registered = False
+
+
+def array_to_wire(array) -> tuple[str, tuple[int, ...], str, np.ndarray]:
+    """An :class:`~flwr.app.Array` as its header and a zero-copy uint8 view of its values."""
+    return (array.dtype, tuple(int(n) for n in array.shape), array.stype,
+            np.frombuffer(array.data, dtype=np.uint8))
+
+
+def array_from_wire(wire: tuple[str, tuple[int, ...], str, np.ndarray]):
+    """The :class:`~flwr.app.Array` of :func:`array_to_wire`'s output (its values copied)."""
+    from flwr.app import Array
+
+    dtype, shape, stype, values = wire
+    if not (isinstance(dtype, str) and isinstance(stype, str)
+            and isinstance(values, np.ndarray) and values.dtype == np.uint8):
+        raise TypeError("not an Array sent by fedrad's Ray transport")
+    return Array(dtype=dtype, shape=tuple(int(n) for n in shape), stype=stype,
+                 data=values.tobytes())
+
+
+def in_ray_worker() -> bool:
+    """True in a process connected to a Ray cluster (a simulation's driver or actor)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def use_out_of_band_arrays() -> None:
+    """Make Ray send Flower Arrays' values out of band in this process (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import ray.util
+    from flwr.app import Array
+
+    ray.util.register_serializer(Array, serializer=array_to_wire, deserializer=array_from_wire)
+    _registered = True
