@@ -78,6 +78,7 @@ from simulation_scale import (  # noqa: E402
     _cpu_ticks,
     _memory_kb,
     prepare_caches,
+    process_tree,
 )
 
 TRAINED = re.compile(r"site (\S+) round (\d+): trained on (\d+) samples, loss \S+, "
@@ -131,16 +132,11 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         children = _children_map()  # one pass over /proc per sample
 
-        def process_tree(root: int) -> list[int]:
-            out, todo = [], [root]
-            while todo:
-                pid = todo.pop()
-                out.append(pid)
-                todo.extend(children.get(pid, ()))
-            return out
+        def tree(root: int) -> list[int]:
+            return process_tree(root, children)
 
         link_rss = link_pss = app_rss = app_pss = 0
-        for pid in process_tree(self.link_pid):
+        for pid in tree(self.link_pid):
             try:
                 rss, pss = _memory_kb(pid)
             except (OSError, ValueError):
@@ -150,7 +146,7 @@ class Sampler(threading.Thread):
                 self._cpu("link", pid)
             elif "serverapp" in _cmdline(pid):
                 # the ServerApp process and, below it, anything it starts
-                for sub in process_tree(pid):
+                for sub in tree(pid):
                     try:
                         r, p = _memory_kb(sub)
                     except (OSError, ValueError):
@@ -159,7 +155,7 @@ class Sampler(threading.Thread):
                     self._cpu("app", sub)
         site_pss = 0
         for root in self.site_pids:
-            for pid in process_tree(root):
+            for pid in tree(root):
                 try:
                     site_pss += _memory_kb(pid)[1]
                 except (OSError, ValueError):

@@ -89,9 +89,12 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (Ray's GCS, raylet and workers are among them)."""
-    children = _children_map()
+def process_tree(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """``root`` and all its descendants (Ray's GCS, raylet and workers are among them).
+
+    ``children`` (from :func:`_children_map`) lets one pass over ``/proc`` serve many trees.
+    """
+    children = _children_map() if children is None else children
     out, todo = [], [root]
     while todo:
         pid = todo.pop()

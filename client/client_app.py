@@ -331,7 +331,8 @@ def make_client_app(
     # The egress log comes first: it records each reply exactly as it leaves the site.
     client_app = ClientApp(mods=[egress_mod])
 
-    def _limit_threads() -> None:
+    def _prepare_process() -> None:
+        """Per message: the torch thread cap, and (in a Ray actor) the out-of-band transport."""
         if threads is not None:
             import torch
 
@@ -342,7 +343,7 @@ def make_client_app(
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
-        _limit_threads()
+        _prepare_process()
 
         def run() -> Message:
             site = _site_from_node_config(context.node_config, sites)
@@ -370,7 +371,7 @@ def make_client_app(
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
-        _limit_threads()
+        _prepare_process()
 
         def run() -> Message:
             site = _site_from_node_config(context.node_config, sites)

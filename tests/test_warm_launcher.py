@@ -120,15 +120,20 @@ def test_signals_reach_the_task(zygote, tmp_path: Path) -> None:
         run.wait()
 
 
-def test_a_killed_launcher_takes_its_task_with_it(zygote, tmp_path: Path) -> None:
-    launcher, proc = zygote
-    pid_file = tmp_path / "task.pid"
-    run = subprocess.Popen([str(launcher), "sleep", str(pid_file)])
+def _start_sleeper(launcher: Path, pid_file: Path, **popen) -> tuple[subprocess.Popen, int]:
+    """Launch the test task that writes its pid and sleeps; return it and the task's pid."""
+    run = subprocess.Popen([str(launcher), "sleep", str(pid_file)], **popen)
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     task = int(pid_file.read_text())
+    return run, task
+
+
+def test_a_killed_launcher_takes_its_task_with_it(zygote, tmp_path: Path) -> None:
+    launcher, proc = zygote
+    run, task = _start_sleeper(launcher, tmp_path / "task.pid")
     run.kill()
     run.wait()
     deadline = time.monotonic() + 30
@@ -140,13 +145,7 @@ def test_a_killed_launcher_takes_its_task_with_it(zygote, tmp_path: Path) -> Non
 
 def test_the_zygote_stops_its_tasks_when_stopped(zygote, tmp_path: Path) -> None:
     launcher, proc = zygote
-    pid_file = tmp_path / "task.pid"
-    run = subprocess.Popen([str(launcher), "sleep", str(pid_file)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not pid_file.exists() or not pid_file.read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    task = int(pid_file.read_text())
+    run, task = _start_sleeper(launcher, tmp_path / "task.pid", stderr=subprocess.PIPE)
     proc.terminate()
     assert proc.wait(timeout=30) == 0
     assert not _alive(task)
