@@ -5,10 +5,11 @@ its way to a site's actor and back.  A Flower :class:`~flwr.app.Array` keeps its
 as one ``bytes`` object, which Ray pickles *in band*: copied into the pickle, copied into
 the object store and copied out again.  :func:`use_out_of_band_arrays` registers a Ray
 serializer that hands the values to Ray as a numpy buffer instead, which Ray writes to
-its object store once (pickle protocol 5, out of band); the receiver copies them into a
-new ``bytes`` once.  Two copies of every model trip instead of four: on this project's
-2-core test machine a 10-site plain round (ResNet-18, 28 px) took 2.11 s instead of 2.44 s
-with 90 images per site, and 4.95-5.55 s instead of 5.61 s with ~470.
+its object store once (pickle protocol 5, out of band), and the receiver's Array reads them
+there (a read-only view, no copy).  One copy of every model trip instead of four: on this
+project's 2-core test machine a 10-site plain round (ResNet-18, 28 px) took 2.11 s instead
+of 2.44 s with 90 images per site, and 4.95-5.55 s instead of 5.61 s with ~470, with the
+receiver still copying.
 
 Only the Ray transport of a simulation changes; the arrays arrive bit for bit, and a
 deployed SuperLink/SuperNode (no Ray) never calls this.  The registration is per process:
@@ -34,15 +35,24 @@ def array_to_wire(array) -> tuple[str, tuple[int, ...], str, np.ndarray]:
 
 
 def array_from_wire(wire: tuple[str, tuple[int, ...], str, np.ndarray]):
-    """The :class:`~flwr.app.Array` of :func:`array_to_wire`'s output (its values copied)."""
+    """The :class:`~flwr.app.Array` of :func:`array_to_wire`'s output, without a copy.
+
+    Its ``data`` is a read-only ``memoryview`` of the values where Ray left them (its
+    object store, which keeps them while the Array lives), not a ``bytes`` copy: fedrad
+    reads Arrays through :func:`fedrad.common.arrays.array_values`, and Flower's
+    ``Array.numpy()`` and hashing accept any buffer.
+    """
     from flwr.app import Array
 
     dtype, shape, stype, values = wire
     if not (isinstance(dtype, str) and isinstance(stype, str)
-            and isinstance(values, np.ndarray) and values.dtype == np.uint8):
+            and isinstance(values, np.ndarray) and values.dtype == np.uint8
+            and values.ndim == 1):
         raise TypeError("not an Array sent by fedrad's Ray transport")
-    return Array(dtype=dtype, shape=tuple(int(n) for n in shape), stype=stype,
-                 data=values.tobytes())
+    array = Array.__new__(Array)  # Array() insists on bytes, which would mean a copy
+    array.__dict__.update(dtype=dtype, shape=tuple(int(n) for n in shape), stype=stype,
+                          data=memoryview(values).toreadonly())
+    return array
 
 
 def in_ray_worker() -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedrad.common.arrays import array_values
 from fedrad.common.config import load_settings
 from fedrad.common.models import model_from_settings
 from fedrad.common.ray_transport import (
@@ -35,6 +36,10 @@ def test_wire_form_round_trip_is_exact_and_the_view_shares_memory() -> None:
             (array.dtype, array.shape, array.stype, array.data)
         assert back.object_id == array.object_id
         np.testing.assert_array_equal(back.numpy(), value)
+        # the receiver reads the values where they arrived: no copy, and read-only
+        assert isinstance(back.data, memoryview) and back.data.readonly
+        assert np.shares_memory(np.frombuffer(back.data, np.uint8), wire[3]) or not array.data
+        np.testing.assert_array_equal(array_values(back), value)
 
 
 def test_wire_form_refuses_what_fedrad_did_not_send() -> None:
