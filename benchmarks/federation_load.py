@@ -14,7 +14,7 @@ Printed per round:
 ``s``
     Wall seconds of the round, from the ServerApp's own log (``logs/server.jsonl``): from
     the end of the previous round's metrics (round 1: from the run's start line) to this
-    round's ``round r/R metrics`` line.
+    round's ``round r/R done`` line (its checkpoint is saved).
 ``train max`` / ``train sum``
     The sites' local training seconds (``trained on N samples ... img/s`` in each site's
     log, the ClientApp's own measurement of ``train_local``): the slowest site (the round's
@@ -71,22 +71,15 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _federation import BIN, LoopbackFederation, free_port  # noqa: E402
-from simulation_scale import (  # noqa: E402
-    DEFAULT_DATA,
-    _children_map,
-    _cpu_ticks,
-    _memory_kb,
-    prepare_caches,
-    process_tree,
-)
+from _federation import BIN, LoopbackFederation, children_map, free_port, process_tree  # noqa: E402
+from simulation_scale import DEFAULT_DATA, _cpu_ticks, _memory_kb, prepare_caches  # noqa: E402
 
 TRAINED = re.compile(r"site (\S+) round (\d+): trained on (\d+) samples, loss \S+, "
                      r"([\d.]+) img/s")
 PLAIN_REPLIES = re.compile(r"round (\d+): (\d+) training replies, (\d+) failures")
 SECURE_MEAN = re.compile(r"round (\d+): secure weighted mean of (\d+) sites \((\d+) dropped\), "
                          r"(\d+) samples")
-ROUND_DONE = re.compile(r"round (\d+)/(\d+) metrics")
+ROUND_DONE = re.compile(r"round (\d+)/(\d+) done")
 
 
 # --------------------------------------------------------------------------- sampling
@@ -130,7 +123,7 @@ class Sampler(threading.Thread):
         self._ticks[group][pid] = ticks
 
     def sample(self) -> None:
-        children = _children_map()  # one pass over /proc per sample
+        children = children_map()  # one pass over /proc per sample
 
         def tree(root: int) -> list[int]:
             return process_tree(root, children)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -65,6 +66,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _federation import process_tree  # noqa: E402  (shared with the tests)
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist/pneumoniamnist.npz"
 if not DEFAULT_DATA.is_file():
     DEFAULT_DATA = Path("/work/shared/data/pneumoniamnist/pneumoniamnist.npz")
@@ -72,35 +76,6 @@ _CLK = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def process_tree(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
-    """``root`` and all its descendants (Ray's GCS, raylet and workers are among them).
-
-    ``children`` (from :func:`_children_map`) lets one pass over ``/proc`` serve many trees.
-    """
-    children = _children_map() if children is None else children
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
 
 
 def _memory_kb(pid: int) -> tuple[int, int]:
@@ -341,9 +316,21 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     cpu_stamps: list[float] = []
 
+    class RoundEnds(logging.Handler):
+        """Stamps the end of every round: the server's "round r/R done" line (checkpoint
+        saved).  Not the round reports: in plain rounds a round's report waits for the
+        sites' evaluation of its model, which comes with the next round's training."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if str(record.msg).startswith("round %d/%d done"):
+                stamps.append(time.perf_counter())
+                cpu_stamps.append(sampler.cpu_seconds() - sampler.own_cpu)
+
+    server_log = logging.getLogger("fedrad.server.server_app")
+    server_log.setLevel(logging.INFO)
+    server_log.addHandler(RoundEnds())
+
     def on_round(report: Any) -> None:
-        stamps.append(time.perf_counter())
-        cpu_stamps.append(sampler.cpu_seconds() - sampler.own_cpu)
         pooled = report.rows.get("pooled")
         answered.append(int(pooled["n"]) if pooled else -1)
         failures.append(len(report.failures))

@@ -36,10 +36,16 @@ from flwr.clientapp import ClientApp
 
 from fedrad.client.egress import egress_mod
 from fedrad.client.privacy import SitePrivacy, check_privacy_budget, privatize_update
+from fedrad.common.arrays import record_of, state_dict_view
 from fedrad.common.cache import SiteCache, load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
-from fedrad.common.metrics import count_outcomes, counts_to_metrics
+from fedrad.common.metrics import (
+    EVALUATE_RECEIVED,
+    EVALUATION,
+    count_outcomes,
+    counts_to_metrics,
+)
 from fedrad.common.models import model_from_settings, norm_state_keys
 from fedrad.common.ray_transport import in_ray_worker, use_out_of_band_arrays
 from fedrad.common.secagg.wire import (
@@ -167,7 +173,7 @@ def _build_model(settings: Settings, arrays: ArrayRecord,
     message survives but the object.
     """
     model = _model_for(settings)
-    state = arrays.to_torch_state_dict()
+    state = state_dict_view(arrays)  # read-only views: load_state_dict copies them
     if local_norms:
         import torch
 
@@ -237,8 +243,8 @@ def train_on_site(
                           settings.stem)
         kept_norms.update({k: state[k].numpy().copy() for k in keys if k in state})
     # DP (dp-noise-multiplier > 0): clip and noise the update, record it in the ledger
-    state, dp_metrics = privatize_update(arrays.to_torch_state_dict, state, settings, site,
-                                         run_id, server_round)
+    state, dp_metrics = privatize_update(lambda: state_dict_view(arrays), state, settings,
+                                         site, run_id, server_round)
     metrics = {
         **dp_metrics,
         "num-examples": int(result.num_examples),
@@ -250,7 +256,7 @@ def train_on_site(
         site.safe_id, server_round, result.num_examples, result.mean_loss,
         result.images_per_second,
     )
-    return ArrayRecord(state), metrics
+    return record_of(state), metrics
 
 
 def evaluate_on_site(
@@ -299,6 +305,7 @@ def _settings_from(msg: Message, context: Context) -> Settings:
     """Run settings: the server's config record wins over the local run config."""
     config = dict(msg.content["config"]) if "config" in msg.content else {}
     config.pop("server-round", None)
+    config.pop(EVALUATE_RECEIVED, None)
     base = {k: v for k, v in context.run_config.items() if k not in config}
     return load_settings({**base, **config})
 
@@ -351,6 +358,16 @@ def make_client_app(
             server_round = int(msg.content["config"].get("server-round", 1))
             fedbn = settings.strategy == "fedbn"
             trained_norms: dict[str, np.ndarray] = {}
+            evaluation = None
+            if msg.content["config"].get(EVALUATE_RECEIVED):  # first score what arrived
+                try:
+                    evaluation = evaluate_on_site(msg.content["arrays"], settings, site,
+                                                  local_norms=_stored_norms(context, settings))
+                except SiteDataError as err:
+                    if err.code != "no-validation-data":
+                        raise
+                    log.warning("site %s: %s; this reply carries the training update only",
+                                site.safe_id, err.message)
             arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round,
                                             run_id=context.run_id,
                                             local_norms=_stored_norms(context, settings),
@@ -363,6 +380,8 @@ def make_client_app(
             else:
                 content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                                       "site": _site_record(site)})
+                if evaluation is not None:
+                    content[EVALUATION] = MetricRecord(evaluation)
             _echo(msg, content)
             return Message(content=content, reply_to=msg)
 

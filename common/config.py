@@ -75,6 +75,12 @@ class Settings:
     fraction_train: float = field(default=1.0, metadata=_meta(
         "fraction of connected sites asked to train each round (plain rounds: needs "
         "secure-aggregation=false)", minimum=0.0, maximum=1.0))
+    evaluate_with_training: bool = field(default=True, metadata=_meta(
+        "plain rounds with fraction-train 1: each site scores the global model it receives "
+        "on its held-out split before training on it, in the same message (one model "
+        "download per site per round instead of two; a round's pooled and per-site rows "
+        "arrive with the next round's training replies, the last round's from one final "
+        "evaluation); off: a separate evaluation message after every round"))
     seed: int = field(default=0, metadata=_meta("random seed", minimum=0))
     denoise_sigma: float = field(default=0.5, metadata=_meta(
         "Gaussian noise-reduction sigma in output pixels (0 disables)", minimum=0.0))

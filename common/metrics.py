@@ -49,6 +49,8 @@ import numpy as np
 from .errors import FedradError
 
 __all__ = [
+    "EVALUATE_RECEIVED",
+    "EVALUATION",
     "OutcomeCounts",
     "merge_counts",
     "count_outcomes",
@@ -300,6 +302,12 @@ def count_outcomes(scores: Any, labels: Any, *, bins: int = DEFAULT_BINS) -> Out
     return OutcomeCounts(
         c, int(bins), confusion, pos_hist.astype(np.int64), neg_hist.astype(np.int64)
     )
+
+
+#: Training-config key: the site scores the model it receives before training on it.
+EVALUATE_RECEIVED = "evaluate-received"
+#: The metric record of a training reply that holds those evaluation counts.
+EVALUATION = "evaluation"
 
 
 def counts_to_metrics(counts: OutcomeCounts, prefix: str = "") -> dict[str, int | list[int]]:

@@ -85,9 +85,27 @@ def save_checkpoint(
         payload["strategy"] = strategy_state
     path = Path(out_dir) / "checkpoints" / f"round-{server_round:03d}.pt"
     atomic_torch_save(payload, path)
-    atomic_torch_save(payload, Path(out_dir) / "model-latest.pt")
+    latest = Path(out_dir) / "model-latest.pt"
+    if not _link_into_place(path, latest):  # a file system without hard links
+        atomic_torch_save(payload, latest)
     log.debug("saved the global model of round %d to %s", server_round, path)
     return path
+
+
+def _link_into_place(source: Path, path: Path) -> bool:
+    """Make ``path`` a hard link to ``source``, atomically (False where links fail).
+
+    ``model-latest.pt`` is then the same file as the round's checkpoint: written (and
+    synced) once, never rewritten in place (every save renames a new file over it).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, path)
+    return True
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -10,8 +10,9 @@ costs two round trips::
     each k   train|evaluate  model + routed shares of k            -> masked vector
              query.secagg  unmask(k) + share(k+1) + advertise(k+2) -> shares of k, of k+1, keys
 
-So a run of ``R`` rounds costs ``4 R + 4`` trips (plain FedAvg: ``2 R``; Flower's SecAgg+
-workflow: 4 per training round plus one per evaluation).  A site that drops out of one
+So a run of ``R`` rounds costs ``4 R + 4`` trips (plain FedAvg: ``R + 1`` with
+``evaluate-with-training``, else ``2 R``; Flower's SecAgg+ workflow: 4 per training round plus
+one per evaluation).  A site that drops out of one
 instance gets the ``advertise`` operation in the next batch and rejoins two instances later.
 
 What the server learns

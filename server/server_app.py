@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -43,10 +43,13 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from fedrad.common.arrays import array_values, record_of, state_dict_view
 from fedrad.common.cache import load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import ConfigError, FedradError
 from fedrad.common.metrics import (
+    EVALUATE_RECEIVED,
+    EVALUATION,
     OutcomeCounts,
     count_outcomes,
     counts_from_metrics,
@@ -98,6 +101,11 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 _SLACK_BYTES = 64 * 1024
 
 
+def _training_metrics(content: RecordDict) -> dict[str, MetricRecord]:
+    """A training reply's metric records other than its evaluation counts."""
+    return {k: v for k, v in content.metric_records.items() if k != EVALUATION}
+
+
 def check_train_reply(content: RecordDict, reference: ArrayRecord) -> dict[str, np.ndarray]:
     """Validate a plain (non-secure) training reply against the global model it answers.
 
@@ -106,10 +114,12 @@ def check_train_reply(content: RecordDict, reference: ArrayRecord) -> dict[str, 
     (records missing), ``wrong-shape`` (other tensors or shapes), ``bad-dtype``,
     ``oversized``, ``non-finite`` or ``bad-num-examples``.
     """
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        raise ReplyRejected("malformed", "a training reply holds one array and one metric record")
+    training = _training_metrics(content)
+    if len(content.array_records) != 1 or len(training) != 1:
+        raise ReplyRejected("malformed", "a training reply holds one array and one metric record "
+                            f"(besides its optional '{EVALUATION}' counts)")
     arrays = next(iter(content.array_records.values()))
-    metrics = next(iter(content.metric_records.values()))
+    metrics = next(iter(training.values()))
     sent = sum(len(a.data) for a in arrays.values())
     if sent > sum(len(a.data) for a in reference.values()) + _SLACK_BYTES:
         raise ReplyRejected("oversized", f"the reply carries {sent} bytes of arrays")
@@ -122,7 +132,10 @@ def check_train_reply(content: RecordDict, reference: ArrayRecord) -> dict[str, 
             raise ReplyRejected("bad-dtype", f"tensor {name} is {got.dtype}, not {ref.dtype}")
         if list(got.shape) != list(ref.shape):
             raise ReplyRejected("wrong-shape", f"tensor {name} has shape {list(got.shape)}")
-        value = decoded[name] = got.numpy()
+        try:
+            value = decoded[name] = array_values(got)
+        except ValueError as err:
+            raise ReplyRejected("malformed", f"tensor {name}: {err}") from None
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise ReplyRejected("non-finite", f"tensor {name} holds NaN or Inf")
     n = metrics.get("num-examples")
@@ -180,6 +193,13 @@ class FedradFedAvg(FedAvg):
     - Evaluation: the confusion counts and score histograms of all answering sites are
       summed; accuracy, sensitivity, specificity, F1 and AUC are computed from the sums
       (never averaged), plus one row per site.
+    - With ``evaluate-with-training`` (and ``fraction-train`` 1) the evaluation rides with
+      training: round ``r``'s training message asks every site to score the model it
+      carries (the global model of round ``r - 1``) before training on it, and the reply
+      brings those counts with the update, so each site downloads the model once per round,
+      not twice.  Round ``r - 1``'s pooled and per-site rows are recorded when round ``r``'s
+      replies are in (round 0's: the initial model, as under secure aggregation), and
+      :attr:`on_evaluated` is told; only the last round sends an evaluation message.
     """
 
     def __init__(self, settings: Settings, metrics_log: MetricsLog,
@@ -203,6 +223,19 @@ class FedradFedAvg(FedAvg):
         self.round_offset = 0
         #: optional :class:`~fedrad.server.status.StatusWriter` shown by ``fedrad status``
         self.status: StatusWriter | None = None
+        #: called with a round once its site evaluation is recorded in the next round
+        self.on_evaluated: Callable[[int], None] | None = None
+
+    @property
+    def evaluates_with_training(self) -> bool:
+        """Whether each training message also asks for the received model's evaluation."""
+        s = self.settings
+        return (s.evaluate_with_training and not s.secure_aggregation
+                and s.fraction_train >= 1.0)
+
+    def evaluation_follows(self, server_round: int) -> bool:
+        """Whether ``server_round``'s site evaluation comes with the next round's training."""
+        return self.evaluates_with_training and 0 <= server_round < self.settings.num_server_rounds
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
@@ -257,6 +290,8 @@ class FedradFedAvg(FedAvg):
         """FedAvg's training messages, each with this round's nonce to echo."""
         server_round += self.round_offset
         self._sent[server_round] = arrays
+        if self.evaluates_with_training:
+            config[EVALUATE_RECEIVED] = True  # scores the model of server_round - 1
         out = self._stamp("train", server_round,
                           super().configure_train(server_round, arrays, config, grid))
         if self.status is not None:
@@ -267,6 +302,8 @@ class FedradFedAvg(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """FedAvg's evaluation messages, each with this round's nonce to echo."""
         server_round += self.round_offset
+        if self.evaluation_follows(server_round):
+            return []  # the next round's training messages bring this evaluation
         out = self._stamp("evaluate", server_round,
                           super().configure_evaluate(server_round, arrays, config, grid))
         if self.status is not None:
@@ -326,6 +363,7 @@ class FedradFedAvg(FedAvg):
         first: dict[str, np.ndarray] | None = None
         received: list[str] = []  # the message each reply answers
         errors: list[Message] = []  # error replies carry no model
+        evaluated: list[tuple[str, OutcomeCounts]] = []  # the received model's, per site
         for msg in replies:
             received.append(msg.metadata.reply_to_message_id)
             if msg.has_error():
@@ -338,7 +376,9 @@ class FedradFedAvg(FedAvg):
             arrays = next(iter(content.array_records.values()))
             if not model:  # not checked against a sent model: decode it here
                 model = {k: v.numpy() for k, v in arrays.items()}
-            metrics = next(iter(content.metric_records.values()))
+            metrics = next(iter(_training_metrics(content).values()))
+            if self.evaluates_with_training:
+                self._take_evaluation(server_round - 1, msg, evaluated, EVALUATION)
             n = float(metrics["num-examples"])
             if first is None and sent is None:  # keys, shapes and dtypes of the reply
                 first = {k: np.zeros_like(v) for k, v in model.items()}
@@ -354,6 +394,10 @@ class FedradFedAvg(FedAvg):
                  len(errors))
         self._note_failures(server_round, "train", received, errors)
         self._sent.pop(server_round, None)  # every reply is in: the sent model is done
+        if self.evaluates_with_training:
+            self._record_evaluation(server_round - 1, evaluated)
+            if self.on_evaluated is not None:
+                self.on_evaluated(server_round - 1)
         if self.status is not None:
             self.status.replies(answered, self.round_failures.get(server_round, []))
         if len(answered) < self.settings.min_sites:
@@ -367,14 +411,14 @@ class FedradFedAvg(FedAvg):
             log.warning("round %d: continuing with the %d sites that answered",
                         server_round, len(answered))
         # the sent model (replies are checked against it); else the replies' own form
-        current = {k: v.numpy() for k, v in sent.items()} if sent is not None else first
+        current = {k: array_values(v) for k, v in sent.items()} if sent is not None else first
         assert current is not None
         if running is not None:
             new = self.aggregator.finish(current, running)
         else:
             new = self.aggregator.aggregate(current, kept)
             kept.clear()
-        arrays_out = ArrayRecord({k: Array(v) for k, v in new.items()})
+        arrays_out = record_of(new)
         total = sum(weights)
         metrics_out = MetricRecord({
             "num-examples": int(total),
@@ -388,6 +432,8 @@ class FedradFedAvg(FedAvg):
     ) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
+        if not replies and self.evaluation_follows(server_round):
+            return None  # none were sent: the next round's training replies bring them
         valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
         self._note_failures(server_round, "evaluate",
                             [m.metadata.reply_to_message_id for m in replies], errors)
@@ -395,16 +441,33 @@ class FedradFedAvg(FedAvg):
         self._replies_in(server_round, valid)
         per_site: list[tuple[str, OutcomeCounts]] = []
         for msg in valid:
-            site = f"node-{msg.metadata.src_node_id}"
-            if "site" in msg.content.config_records:
-                site = str(msg.content.config_records["site"].get("site-id", site))
-            try:
-                counts = counts_from_metrics(msg.content["metrics"])
-            except FedradError as err:
-                log.warning("round %d: site %s sent unusable evaluation counts: %s",
-                            server_round, site, err)
-                continue
-            per_site.append((site, counts))
+            self._take_evaluation(server_round, msg, per_site, "metrics")
+        return self._record_evaluation(server_round, per_site)
+
+    @staticmethod
+    def _site_of(msg: Message) -> str:
+        site = f"node-{msg.metadata.src_node_id}"
+        if "site" in msg.content.config_records:
+            site = str(msg.content.config_records["site"].get("site-id", site))
+        return site
+
+    def _take_evaluation(self, server_round: int, msg: Message,
+                         per_site: list[tuple[str, OutcomeCounts]], name: str) -> None:
+        """Add the evaluation counts in reply ``msg``'s metric record ``name``."""
+        site = self._site_of(msg)
+        record = msg.content.metric_records.get(name)
+        if record is None:
+            log.warning("round %d: site %s sent no evaluation counts", server_round, site)
+            return
+        try:
+            per_site.append((site, counts_from_metrics(record)))
+        except FedradError as err:
+            log.warning("round %d: site %s sent unusable evaluation counts: %s",
+                        server_round, site, err)
+
+    def _record_evaluation(self, server_round: int,
+                           per_site: list[tuple[str, OutcomeCounts]]) -> MetricRecord | None:
+        """The pooled row (summed counts) and one row per site of ``server_round``."""
         if len(per_site) < self.settings.min_sites:
             log.warning(
                 "round %d: %d sites returned evaluation counts, fewer than min-sites=%d; "
@@ -423,7 +486,14 @@ class FedradFedAvg(FedAvg):
 
 
 class _CentralEvaluator:
-    """Scores the global model on a coordinator-held test cache; saves checkpoints."""
+    """Scores the global model on a coordinator-held test cache; saves checkpoints.
+
+    A round's checkpoint is written by a background thread while the next round's
+    messages go out (one save at a time; the next save, the round's report and the end of
+    the run wait for it, and a failed save stops the run there).  The metrics files are
+    written first, in the round itself, so a crash before the checkpoint is on disk
+    resumes from the round before, whose metrics are all there.
+    """
 
     def __init__(self, settings: Settings, metrics_log: MetricsLog, out_dir: Path,
                  strategy: FedradFedAvg, on_round: RoundCallback | None) -> None:
@@ -434,10 +504,51 @@ class _CentralEvaluator:
         self.on_round = on_round
         self.cache = load_cache(settings.central_eval_dir) if settings.central_eval_dir else None
         self.device = select_device("auto")
+        self._saving: threading.Thread | None = None
+        self._save_error: FedradError | None = None
+
+    def wait_saved(self) -> None:
+        """Wait for the checkpoint being written; raise if writing it failed."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._save_error is not None:
+            err, self._save_error = self._save_error, None
+            raise err
+
+    def stop_saving(self) -> None:
+        """After a failure: let a checkpoint being written finish (its error only logged)."""
+        try:
+            self.wait_saved()
+        except FedradError as err:
+            log.error("%s", err)
+
+    def _save(self, server_round: int, state: dict[str, torch.Tensor], later: bool) -> None:
+        s = self.settings
+        self.wait_saved()
+        payload = {"rng": capture_rng(), "strategy_state": self.strategy.aggregator.state_dict()}
+
+        def write() -> None:
+            try:
+                save_checkpoint(self.out_dir, server_round, state, s.to_run_config(), **payload)
+            except Exception as err:  # noqa: BLE001 - kept, and raised in the run's thread
+                reason = (err.strerror or str(err)) if isinstance(err, OSError) else repr(err)
+                self._save_error = FedradError(
+                    "checkpoint-failed", f"round {server_round}'s checkpoint could not be "
+                    f"written under {self.out_dir}: {reason}; free space or fix the "
+                    "out-dir's permissions, then resume the run")
+                return
+            log.info("round %d/%d done: checkpoint saved%s", server_round, s.num_server_rounds,
+                     "; the sites' evaluation of it comes with the next round's training"
+                     if later else "")
+
+        self._saving = threading.Thread(target=write, name=f"checkpoint-{server_round}",
+                                        daemon=False)
+        self._saving.start()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         s = self.settings
-        state = arrays.to_torch_state_dict()
+        state = state_dict_view(arrays)  # read-only views of the round's Arrays, not a copy
         result = None
         if self.cache is not None:
             model = model_from_settings(s)
@@ -452,9 +563,20 @@ class _CentralEvaluator:
         # round before, whose metrics are all on disk (later rows are dropped on resume)
         self.metrics_log.write()
         if server_round > 0:
-            save_checkpoint(self.out_dir, server_round, state, s.to_run_config(),
-                            rng=capture_rng(),
-                            strategy_state=self.strategy.aggregator.state_dict())
+            later = self.strategy.evaluation_follows(server_round)
+            self._save(server_round, state, later)
+            if not later:
+                self.report(server_round)
+        return result
+
+    def report(self, server_round: int) -> None:
+        """Log the round's metric table, update ``status.json`` and tell ``on_round``.
+
+        Once the round's checkpoint is on disk: a report means the round is saved.
+        """
+        s = self.settings
+        self.wait_saved()
+        if server_round > 0:
             rows = self.metrics_log.round_rows(server_round)
             table = format_round_table(server_round, rows, s.classes)
             log.info("round %d/%d metrics\n%s", server_round, s.num_server_rounds, table)
@@ -464,7 +586,6 @@ class _CentralEvaluator:
             if self.on_round is not None:
                 self.on_round(RoundReport(server_round, s.num_server_rounds, rows, table,
                                           failures))
-        return result
 
 
 def initial_model(settings: Settings) -> torch.nn.Module:
@@ -536,6 +657,7 @@ def run_federation(grid: Grid, settings: Settings,
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = attach_run_log(out_dir)
     status = StatusWriter(out_dir, num_rounds=settings.num_server_rounds, run_id=run_id)
+    evaluator: _CentralEvaluator | None = None
     try:
         aggregator = Aggregator(settings)
         done, resumed = (_resume_point(settings, out_dir, aggregator) if settings.resume
@@ -551,6 +673,7 @@ def run_federation(grid: Grid, settings: Settings,
         strategy.round_offset = done
         strategy.status = status
         evaluator = _CentralEvaluator(settings, metrics_log, out_dir, strategy, on_round)
+        strategy.on_evaluated = evaluator.report
         started = time.perf_counter()
         log.info("strategy %s, %d rounds, secure aggregation %s", settings.strategy,
                  settings.num_server_rounds, "on" if settings.secure_aggregation else "off")
@@ -571,11 +694,14 @@ def run_federation(grid: Grid, settings: Settings,
                 evaluate_fn=evaluate_fn,
                 timeout=settings.round_timeout,
             )
+        evaluator.wait_saved()  # the last round's checkpoint is on disk
         log.info("federated run finished in %.1f s; outputs in %s\n%s",
                  time.perf_counter() - started, out_dir, format_final_summary(metrics_log))
         status.finish()
         return metrics_log
     except BaseException as err:
+        if evaluator is not None:
+            evaluator.stop_saving()
         status.finish("failed", f"{type(err).__name__}: {err}")
         raise
     finally:

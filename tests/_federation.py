@@ -52,6 +52,37 @@ def metric_rows(out_dir: Path) -> dict[tuple[int, str], dict[str, str]]:
         return {(int(r["round"]), r["scope"]): r for r in csv.DictReader(fh)}
 
 
+
+def children_map() -> dict[int, list[int]]:
+    """Every live process's children, from one pass over ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """``root`` and all its descendants, whatever their session or process group.
+
+    ``children`` (from :func:`children_map`) lets one pass over ``/proc`` serve many trees.
+    """
+    children = children_map() if children is None else children
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
 class LoopbackFederation:
     """Starts and stops the Flower processes of one test, logging each to a file."""
 
@@ -161,6 +192,11 @@ class LoopbackFederation:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
+        # processes that left the groups started here (the SuperLink starts its SuperExec,
+        # and that the ServerApp, in a session of their own): found now, killed at the end
+        children = children_map()
+        strays = {pid for proc in self.procs if proc.poll() is None
+                  for pid in process_tree(proc.pid, children)[1:]}
         # a group whose leader already exited may still hold children: signal every group;
         # SIGCONT lets a stopped process act on the SIGTERM
         for proc in self.procs:
@@ -173,3 +209,6 @@ class LoopbackFederation:
                 pass
             self.signal_group(proc, signal.SIGKILL)
             proc.wait(timeout=10)
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

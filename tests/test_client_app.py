@@ -18,7 +18,7 @@ from fedrad.client.client_app import (
 )
 from fedrad.common.cache import write_cache
 from fedrad.common.config import load_settings
-from fedrad.common.metrics import counts_from_metrics
+from fedrad.common.metrics import EVALUATE_RECEIVED, EVALUATION, counts_from_metrics
 from fedrad.common.models import model_from_settings
 
 SIZE = 48
@@ -123,6 +123,36 @@ def test_client_app_reply_carries_only_weights_counts_and_site_name(
     assert set(reply.content.keys()) == {"metrics", "site"}
     text = repr(dict(reply.content["metrics"]))
     assert str(tmp_path) not in text
+
+
+def test_a_training_message_that_asks_for_it_brings_the_received_models_evaluation(
+    tmp_path: Path, settings
+) -> None:
+    """``evaluate-received``: the reply scores the model that came (not the trained one)."""
+    cache = _write_site(tmp_path / "cache")
+    app = make_client_app()
+    config = {**settings.to_site_config(), "server-round": 2, EVALUATE_RECEIVED: True}
+    ctx = _context({"data-dir": str(cache), "site-id": "site-a"})
+    sent = _initial(settings)
+    reply = app(_message("train", sent, config), ctx)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site", EVALUATION}
+    assert set(reply.content["metrics"].keys()) == {"num-examples", "train-loss",
+                                                    "train-seconds"}
+    alone = evaluate_on_site(sent, settings, SiteContext("site-a", cache))
+    assert dict(reply.content[EVALUATION]) == alone
+    trained = evaluate_on_site(reply.content["arrays"], settings, SiteContext("site-a", cache))
+    assert dict(reply.content[EVALUATION]) != trained
+    assert counts_from_metrics(reply.content[EVALUATION]).n == 8
+    del config[EVALUATE_RECEIVED]
+    reply = app(_message("train", sent, config), ctx)
+    assert EVALUATION not in reply.content.keys()
+    # a site that holds nothing out still trains; only the evaluation is missing
+    config.update({EVALUATE_RECEIVED: True, "val-fraction": 0.0})
+    reply = app(_message("train", sent, config), ctx)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    assert reply.content["metrics"]["num-examples"] == 40
 
 
 def test_client_error_text_has_no_path(tmp_path: Path, settings) -> None:

@@ -180,7 +180,10 @@ def test_killed_site_and_straggler(tmp_path: Path, site_caches: list[Path]) -> N
         ids = {name: _wait_for(f"{name} to connect", lambda n=name: _node_id(fed, n), fed, 120)
                for name in sites}
         started = time.monotonic()
-        run = _launch(fed, _run_config(out, 2, f"round-timeout={ROUND_TIMEOUT}"))
+        # a separate evaluation step after round 1 (evaluate-with-training=false) holds
+        # round 2 back until site-3, accepted again ~60 s after its kill, is online
+        run = _launch(fed, _run_config(out, 2, f"round-timeout={ROUND_TIMEOUT} "
+                                               "evaluate-with-training=false"))
 
         # round 1: site-3 dies while its ClientApp trains, and is started again
         _wait_for("round 1 training at site-3", lambda: _at(out, 1, "train") and _group(

@@ -20,7 +20,14 @@ from flwr.app import (
 )
 
 from fedrad.common.config import load_settings
-from fedrad.common.metrics import count_outcomes, counts_to_metrics, merge_counts, pooled_metrics
+from fedrad.common.metrics import (
+    EVALUATE_RECEIVED,
+    EVALUATION,
+    count_outcomes,
+    counts_to_metrics,
+    merge_counts,
+    pooled_metrics,
+)
 from fedrad.common.secagg.wire import ECHO
 from fedrad.server.evaluator import MetricsLog
 from fedrad.server.server_app import FedradFedAvg
@@ -321,3 +328,83 @@ def test_plain_rounds_add_each_reply_as_it_arrives(tmp_path: Path, task_identity
     assert sum("node 7 excluded: [no-reply]" in f for f in failures) == 2, failures  # both steps
     assert len(failures) == 2, failures  # the duplicates are never seen
     assert strategy.metrics_log.round_rows(1)["pooled"]["n"] == 2 + 3 + 5
+
+
+def _counts_metrics(node: int, model_round: int) -> dict:
+    """Closed-form evaluation counts of site ``node`` scoring the model of ``model_round``."""
+    labels = np.arange(node + model_round) % 2
+    scores = np.stack([1 - labels, labels], 1).astype(float)
+    return {"num-examples": len(labels),
+            **counts_to_metrics(count_outcomes(scores, labels, bins=1000))}
+
+
+class _FoldingGrid(_PushPullGrid):
+    """Sites that, when asked, score the received model (its ``w`` is its round) first."""
+
+    def __init__(self, ids: list[int]) -> None:
+        super().__init__(ids)
+        self.sent: list[tuple[str, int]] = []
+
+    def _reply(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        model_round = int(msg.content["arrays"]["w"].numpy().flat[0])
+        if msg.metadata.message_type == "evaluate":
+            return Message(RecordDict({
+                "metrics": MetricRecord(_counts_metrics(node, model_round)),
+                ECHO: ConfigRecord(dict(msg.content[ECHO]))}), reply_to=msg)
+        content = RecordDict({
+            "arrays": ArrayRecord({
+                "w": Array(np.full((2, 2), model_round + 1.0, np.float32)),
+                "bn.num_batches_tracked": Array(np.array(3, dtype=np.int64))}),
+            "metrics": MetricRecord({"num-examples": 10 * node, "train-loss": 0.5}),
+            ECHO: ConfigRecord(dict(msg.content[ECHO]))})
+        if msg.content["config"].get(EVALUATE_RECEIVED):
+            content[EVALUATION] = MetricRecord(_counts_metrics(node, model_round))
+        return Message(content, reply_to=msg)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.sent.append((msg.metadata.message_type, msg.metadata.dst_node_id))
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
+            self._outbox.append((0.0, self._reply(msg)))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+
+def test_plain_rounds_evaluate_the_received_model_with_training(tmp_path: Path,
+                                                                 task_identity) -> None:
+    """evaluate-with-training: one model trip per site per round, every round's rows kept."""
+    settings = load_settings({"min-sites": 2, "class-names": "normal,opacity",
+                              "secure-aggregation": False, "num-server-rounds": 3,
+                              "round-timeout": 5})
+    strategy = FedradFedAvg(settings, MetricsLog(tmp_path, settings.classes))
+    assert strategy.evaluates_with_training
+    evaluated: list[int] = []
+    strategy.on_evaluated = evaluated.append
+    grid = _FoldingGrid([2, 3, 5])
+    initial = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)),
+                           "bn.num_batches_tracked": Array(np.array(0, np.int64))})
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=3, timeout=5.0)
+    np.testing.assert_allclose(result.arrays["w"].numpy(), 3.0)  # each round adds one
+    kinds = [kind for kind, _ in grid.sent]
+    assert kinds == ["train"] * 9 + ["evaluate"] * 3  # 12 model trips, not 18
+    assert evaluated == [0, 1, 2]  # the last round's rows come from its own evaluation
+    log = strategy.metrics_log
+    assert log.rounds() == [0, 1, 2, 3]
+    for r in range(4):  # round r's rows score the model after round r, at every site
+        rows = log.round_rows(r)
+        assert set(rows) == {"pooled", "site:node-2", "site:node-3", "site:node-5"}, r
+        assert rows["pooled"]["n"] == sum(node + r for node in (2, 3, 5))
+        assert rows["site:node-5"]["n"] == 5 + r
+    assert not strategy.round_failures
+
+
+@pytest.mark.parametrize("change", [{"evaluate-with-training": False},
+                                    {"fraction-train": 0.5}, {"secure-aggregation": True}])
+def test_evaluation_rides_with_training_only_when_every_site_trains_in_plain_rounds(
+        change: dict) -> None:
+    settings = load_settings({"secure-aggregation": False, "min-sites": 1, **change})
+    strategy = FedradFedAvg(settings, MetricsLog(Path("unused"), settings.classes))
+    assert not strategy.evaluates_with_training
+    assert not strategy.evaluation_follows(1)
