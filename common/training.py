@@ -456,7 +456,9 @@ def train_local(
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
     finally:
-        # State dicts leave in the default layout, also after an error.
+        # State dicts leave in the default layout, also after an error; the gradients
+        # (one more copy of the model) are dropped before the reply is built.
+        model.zero_grad(set_to_none=True)
         model.to(memory_format=torch.contiguous_format)
     mean_loss = loss_sum.item() / max(seen, 1)
     result = TrainResult(

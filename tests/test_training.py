@@ -142,6 +142,19 @@ def test_result_counts_samples_not_sample_epochs():
     assert capped.images_per_second * capped.seconds == pytest.approx(32, rel=1e-6)
 
 
+def test_the_trained_model_keeps_no_gradients():
+    """The model leaves training without its gradients (a second model-sized buffer)."""
+    model = tiny_model()
+    images, labels = make_data(n=40)
+    train(model, images, labels)
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        model.head[3].bias.fill_(float("nan"))
+    with pytest.raises(FedradError, match="learning-rate"):  # diverges after a backward pass
+        train(model, images, labels)
+    assert all(p.grad is None for p in model.parameters())  # an error leaves none either
+
+
 def test_lone_last_sample_is_left_out():
     # 33 = 2 x 16 + 1: a batch of one would break BatchNorm1d in training mode.
     images, labels = make_data(n=33)
