@@ -6,10 +6,10 @@ as one ``bytes`` object, which Ray pickles *in band*: copied into the pickle, co
 the object store and copied out again.  :func:`use_out_of_band_arrays` registers a Ray
 serializer that hands the values to Ray as a numpy buffer instead, which Ray writes to
 its object store once (pickle protocol 5, out of band), and the receiver's Array reads them
-there (a read-only view, no copy).  One copy of every model trip instead of four: on this
-project's 2-core test machine a 10-site plain round (ResNet-18, 28 px) took 2.11 s instead
-of 2.44 s with 90 images per site, and 4.95-5.55 s instead of 5.61 s with ~470, with the
-receiver still copying.
+there (a read-only view, no copy): one copy of every model trip instead of four.  On this
+project's 2-core test machine the out-of-band transfer alone (the receiver still copying)
+took a 10-site plain round (ResNet-18, 28 px) from 2.44 s to 2.11 s with 90 images per
+site, and from 5.61 s to 4.95-5.55 s with ~470.
 
 Only the Ray transport of a simulation changes; the arrays arrive bit for bit, and a
 deployed SuperLink/SuperNode (no Ray) never calls this.  The registration is per process:

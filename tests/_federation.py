@@ -52,7 +52,6 @@ def metric_rows(out_dir: Path) -> dict[tuple[int, str], dict[str, str]]:
         return {(int(r["round"]), r["scope"]): r for r in csv.DictReader(fh)}
 
 
-
 def children_map() -> dict[int, list[int]]:
     """Every live process's children, from one pass over ``/proc``."""
     children: dict[int, list[int]] = {}
