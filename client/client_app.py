@@ -36,7 +36,14 @@ from flwr.clientapp import ClientApp
 
 from fedrad.client.egress import egress_mod
 from fedrad.client.privacy import SitePrivacy, check_privacy_budget, privatize_update
-from fedrad.common.arrays import record_of, state_dict_view
+from fedrad.common.arrays import (
+    LAYOUT,
+    array_values,
+    model_arrays,
+    packed_content,
+    record_of,
+    state_dict_view,
+)
 from fedrad.common.cache import SiteCache, load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import FedradError, SiteDataError, hashed_id
@@ -310,6 +317,23 @@ def _settings_from(msg: Message, context: Context) -> Settings:
     return load_settings({**base, **config})
 
 
+def _received_model(msg: Message) -> ArrayRecord:
+    """The model a server message carries (packed into one Array, or one Array per tensor)."""
+    try:
+        return model_arrays(msg.content)
+    except KeyError:
+        raise FedradError("bad-message", "the server's message carries no model") from None
+    except ValueError as err:
+        raise FedradError("bad-message", f"the server's packed model: {err}") from None
+
+
+def _model_reply(msg: Message, arrays: ArrayRecord) -> dict[str, Any]:
+    """The reply's model records: packed when the server sent its model packed."""
+    if LAYOUT in msg.content.config_records:
+        return packed_content(arrays)
+    return {"arrays": arrays}
+
+
 def _safe(fn: Callable[[], Message], site_label: str) -> Message:
     """Run ``fn``; turn any failure into an error text that is safe to leave the site."""
     try:
@@ -359,16 +383,17 @@ def make_client_app(
             fedbn = settings.strategy == "fedbn"
             trained_norms: dict[str, np.ndarray] = {}
             evaluation = None
+            received = _received_model(msg)
             if msg.content["config"].get(EVALUATE_RECEIVED):  # first score what arrived
                 try:
-                    evaluation = evaluate_on_site(msg.content["arrays"], settings, site,
+                    evaluation = evaluate_on_site(received, settings, site,
                                                   local_norms=_stored_norms(context, settings))
                 except SiteDataError as err:
                     if err.code != "no-validation-data":
                         raise
                     log.warning("site %s: %s; this reply carries the training update only",
                                 site.safe_id, err.message)
-            arrays, metrics = train_on_site(msg.content["arrays"], settings, site, server_round,
+            arrays, metrics = train_on_site(received, settings, site, server_round,
                                             run_id=context.run_id,
                                             local_norms=_stored_norms(context, settings),
                                             kept_norms=trained_norms if fedbn else None)
@@ -376,9 +401,10 @@ def make_client_app(
                 context.state[LOCAL_NORMS] = ArrayRecord(
                     {k: Array(v) for k, v in trained_norms.items()})
             if RECORD in msg.content:  # secure aggregation: only the masked update leaves
-                content = _secure_train_reply(msg, context, arrays, metrics)
+                content = _secure_train_reply(msg, context, received, arrays, metrics)
             else:
-                content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                content = RecordDict({**_model_reply(msg, arrays),
+                                      "metrics": MetricRecord(metrics),
                                       "site": _site_record(site)})
                 if evaluation is not None:
                     content[EVALUATION] = MetricRecord(evaluation)
@@ -395,7 +421,7 @@ def make_client_app(
         def run() -> Message:
             site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
-            metrics = evaluate_on_site(msg.content["arrays"], settings, site,
+            metrics = evaluate_on_site(_received_model(msg), settings, site,
                                        local_norms=_stored_norms(context, settings))
             if RECORD in msg.content:  # secure aggregation: only masked counts leave
                 vector = counts_to_vector(metrics, num_classes=settings.num_classes,
@@ -442,11 +468,11 @@ def _masked_content(instance: int, masked: np.ndarray) -> RecordDict:
     })
 
 
-def _secure_train_reply(msg: Message, context: Context, arrays: ArrayRecord,
-                        metrics: Mapping[str, Any]) -> RecordDict:
+def _secure_train_reply(msg: Message, context: Context, received: ArrayRecord,
+                        arrays: ArrayRecord, metrics: Mapping[str, Any]) -> RecordDict:
     """Mask ``local - global`` weights and the loss, weighted by the sample count."""
-    reference = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    local = {k: v.numpy() for k, v in arrays.items()}
+    reference = {k: array_values(v) for k, v in received.items()}
+    local = {k: array_values(v) for k, v in arrays.items()}
     vector = update_to_vector(local, reference, float(metrics["train-loss"]))
     k, masked = mask_vector(msg.content[RECORD], context.state, vector,
                             weight=float(metrics["num-examples"]))

@@ -43,6 +43,7 @@ from flwr.supercore.inflatable.inflatable_object import (
     no_object_id_recompute,
 )
 
+from fedrad.common.arrays import LAYOUT, PACKED, unpack_record
 from fedrad.common.errors import FedradError
 
 __all__ = [
@@ -169,13 +170,22 @@ def _object_bytes(obj: Any) -> int:
     return sum(_deflated_size(o) for o in get_all_nested_objects(obj).values())
 
 
-def describe_record(name: str, record: Any) -> dict[str, Any]:
-    """Kind, size, SHA-256 and a description in words of one record; never its values."""
+def describe_record(name: str, record: Any, layout: ConfigRecord | None = None
+                    ) -> dict[str, Any]:
+    """Kind, size, SHA-256 and a description in words of one record; never its values.
+
+    A model packed into one Array (``layout``: its :data:`~fedrad.common.arrays.LAYOUT`
+    record) is described tensor by tensor, as the layout names them; ``bytes`` and
+    ``sha256`` are those of the packed record as sent.
+    """
     extra: dict[str, Any] = {}
     if isinstance(record, ArrayRecord):
-        kind, words = "arrays", _describe_arrays(record)
+        shown = record
+        if layout is not None and list(record.keys()) == [PACKED]:
+            shown = unpack_record(record, layout)
+        kind, words = "arrays", _describe_arrays(shown)
         extra["arrays"] = [[name, a.dtype, [int(s) for s in a.shape]]
-                           for name, a in record.items()]
+                           for name, a in shown.items()]
     elif isinstance(record, MetricRecord):
         kind, words = "metrics", _describe_keys(record, "metric keys")
     elif isinstance(record, ConfigRecord):
@@ -222,7 +232,8 @@ def _describe_reply(reply: Message, incoming: Message) -> EgressEntry:
                            message_id=reply.object_id, records=[],
                            error=reply.error.reason)
     content = reply.content
-    records = [describe_record(name, record) for name, record in content.items()]
+    layout = content.config_records.get(LAYOUT)
+    records = [describe_record(name, record, layout) for name, record in content.items()]
     return EgressEntry(**common, kind="reply", bytes=message_bytes, sha256=content.object_id,
                        message_id=reply.object_id, records=records)
 

@@ -12,6 +12,14 @@ copied out again.  For a ResNet-18 (45 MB) that is ~45-90 MB of short-lived memo
   (which copies them into the model's own parameters);
 - :func:`array_of` builds the Array of a numpy array or tensor with the same bytes
   :func:`numpy.save` writes, in one copy.
+
+On the wire a whole model travels as one Array (:func:`pack_record` and
+:func:`unpack_record`).  Flower sends every Array of a message as objects of their own, one
+request each between the ServerApp, the SuperLink, the SuperNode and the ClientApp: a
+ResNet-18 is 122 tensors, ~250 objects per message.  Packed, the same 45 MB are one Array
+holding the tensors' ``.npy`` bytes one after another (10 objects of up to 5 MB), with a
+config record naming each tensor, its dtype, shape and byte length.  Unpacking is free:
+each tensor becomes an Array whose bytes are a read-only slice of the packed ones.
 """
 
 from __future__ import annotations
@@ -22,11 +30,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-__all__ = ["array_of", "array_values", "record_of", "state_dict_view"]
+__all__ = ["LAYOUT", "PACKED", "PACKED_STYPE", "array_of", "array_values", "array_view",
+           "model_arrays", "pack_record", "packed_content", "record_of", "state_dict_view",
+           "unpack_record"]
 
 _NUMPY = "numpy.ndarray"  # flwr's SType.NUMPY
+#: the one Array of a packed record (:func:`pack_record`)
+PACKED = "npy-sequence"
+#: its serialisation: the tensors' ``.npy`` files one after another
+PACKED_STYPE = "fedrad.npy-sequence"
+#: the config record, next to the packed arrays in a message, that says what they hold
+LAYOUT = "arrays-layout"
 
 
 def _header_bytes(data: Any) -> bytes:
@@ -108,3 +124,107 @@ def array_of(value: Any) -> Array:
 def record_of(state: Mapping[str, Any]) -> ArrayRecord:
     """An ArrayRecord of named tensors or numpy arrays (see :func:`array_of`)."""
     return ArrayRecord({k: array_of(v) for k, v in state.items()})
+
+
+def array_view(dtype: str, shape: tuple[int, ...], data: Any, *,
+               stype: str = _NUMPY) -> Array:
+    """An Array whose ``data`` is the read-only buffer ``data`` itself, not a copy.
+
+    ``Array()`` insists on ``bytes`` (a copy); fedrad reads Arrays through
+    :func:`array_values`, which checks the buffer against ``dtype`` and ``shape``, and
+    Flower's ``Array.numpy()`` and hashing accept any buffer.
+    """
+    array = Array.__new__(Array)
+    array.__dict__.update(dtype=dtype, shape=tuple(int(n) for n in shape), stype=stype,
+                          data=memoryview(data).toreadonly())
+    return array
+
+
+def pack_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
+    """``record`` as one Array (its tensors' ``.npy`` bytes in order) and its layout.
+
+    One copy of the values.  The layout lists every tensor's name, dtype, shape and byte
+    length; :func:`unpack_record` gives the record back.
+    """
+    if not len(record):
+        raise ValueError("an empty array record has nothing to pack")
+    names, dtypes, ndims, dims, lengths = [], [], [], [], []
+    for name, array in record.items():
+        if array.stype != _NUMPY:
+            raise ValueError(f"tensor {name} is serialised as {array.stype!r}, not {_NUMPY!r}")
+        names.append(str(name))
+        dtypes.append(str(array.dtype))
+        ndims.append(len(array.shape))
+        dims.extend(int(n) for n in array.shape)
+        lengths.append(len(array.data))
+    data = b"".join(array.data for array in record.values())
+    packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
+    layout = ConfigRecord({"names": names, "dtypes": dtypes, "ndims": ndims, "dims": dims,
+                           "lengths": lengths})
+    return ArrayRecord({PACKED: packed}), layout
+
+
+def _int_list(layout: ConfigRecord, key: str) -> list[int]:
+    values = layout.get(key)
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"the layout's {key!r} is not a list of non-negative integers")
+    return values
+
+
+def unpack_record(packed: ArrayRecord, layout: ConfigRecord) -> ArrayRecord:
+    """The ArrayRecord :func:`pack_record` packed, each Array a view of the packed bytes.
+
+    Raises ``ValueError`` naming what does not add up: not one packed Array, a layout whose
+    lists differ in length, repeated names, lengths that do not cover the packed bytes
+    exactly.  Each tensor's own bytes are checked when read (:func:`array_values`).
+    """
+    if list(packed.keys()) != [PACKED]:
+        raise ValueError(f"a packed record holds one Array named {PACKED!r}")
+    whole = packed[PACKED]
+    if whole.stype != PACKED_STYPE or whole.dtype != "uint8" or len(whole.shape) != 1:
+        raise ValueError(f"the packed Array is {whole.stype!r} {whole.dtype} {whole.shape}, "
+                         f"not {PACKED_STYPE!r} uint8 of one dimension")
+    names = layout.get("names")
+    dtypes = layout.get("dtypes")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+        raise ValueError("the layout's 'names' is not a list of tensor names")
+    if not isinstance(dtypes, list) or not all(isinstance(d, str) for d in dtypes):
+        raise ValueError("the layout's 'dtypes' is not a list of dtype names")
+    ndims, dims, lengths = (_int_list(layout, k) for k in ("ndims", "dims", "lengths"))
+    if not len(names) == len(dtypes) == len(ndims) == len(lengths):
+        raise ValueError(f"the layout lists {len(names)} names, {len(dtypes)} dtypes, "
+                         f"{len(ndims)} shapes and {len(lengths)} lengths")
+    if len(set(names)) != len(names):
+        raise ValueError("the layout names a tensor twice")
+    if sum(ndims) != len(dims):
+        raise ValueError(f"the layout's shapes need {sum(ndims)} dimensions, it has {len(dims)}")
+    view = memoryview(whole.data)
+    if sum(lengths) != len(view) or int(whole.shape[0]) != len(view):
+        raise ValueError(f"the layout covers {sum(lengths)} bytes, the packed Array holds "
+                         f"{len(view)} (its shape says {int(whole.shape[0])})")
+    record = ArrayRecord()  # ArrayRecord(dict) would rebuild each Array from bytes
+    offset = at = 0
+    for name, dtype, ndim, length in zip(names, dtypes, ndims, lengths, strict=True):
+        record[name] = array_view(dtype, tuple(dims[at:at + ndim]), view[offset:offset + length])
+        offset, at = offset + length, at + ndim
+    return record
+
+
+def packed_content(record: ArrayRecord, key: str = "arrays") -> dict[str, Any]:
+    """The records a message carries for ``record`` packed: ``{key: ..., LAYOUT: ...}``."""
+    packed, layout = pack_record(record)
+    return {key: packed, LAYOUT: layout}
+
+
+def model_arrays(content: RecordDict, key: str = "arrays") -> ArrayRecord:
+    """The model a message carries under ``key``, packed (:data:`LAYOUT` present) or not.
+
+    Raises ``KeyError`` if there is none and ``ValueError`` if the packed form does not add
+    up (see :func:`unpack_record`).
+    """
+    record = content.array_records[key]
+    layout = content.config_records.get(LAYOUT)
+    if layout is None:
+        return record
+    return unpack_record(record, layout)

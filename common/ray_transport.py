@@ -42,17 +42,14 @@ def array_from_wire(wire: tuple[str, tuple[int, ...], str, np.ndarray]):
     reads Arrays through :func:`fedrad.common.arrays.array_values`, and Flower's
     ``Array.numpy()`` and hashing accept any buffer.
     """
-    from flwr.app import Array
+    from fedrad.common.arrays import array_view
 
     dtype, shape, stype, values = wire
     if not (isinstance(dtype, str) and isinstance(stype, str)
             and isinstance(values, np.ndarray) and values.dtype == np.uint8
             and values.ndim == 1):
         raise TypeError("not an Array sent by fedrad's Ray transport")
-    array = Array.__new__(Array)  # Array() insists on bytes, which would mean a copy
-    array.__dict__.update(dtype=dtype, shape=tuple(int(n) for n in shape), stype=stype,
-                          data=memoryview(values).toreadonly())
-    return array
+    return array_view(dtype, shape, values, stype=stype)
 
 
 def in_ray_worker() -> bool:

@@ -51,6 +51,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedrad.common.arrays import packed_content
 from fedrad.common.config import Settings
 from fedrad.common.errors import FedradError
 from fedrad.common.metrics import counts_from_metrics, pooled_metrics
@@ -486,6 +487,7 @@ class SecureRounds:
         inst.nonce = os.urandom(16)
         config = ConfigRecord({**s.to_site_config(), "server-round": inst.server_round})
         contents = {}
+        model = packed_content(arrays)  # packed once, the same for every site
         for idx, shares in inst.inbox.items():
             ops: dict[str, Any] = {"work-instance": inst.k,
                                    "receive-from": sorted(shares),
@@ -493,7 +495,7 @@ class SecureRounds:
             if inst.kind == "train":
                 ops["work-total-weight"] = inst.total_weight
             contents[inst.node_of(idx)] = RecordDict({
-                "arrays": arrays, "config": config, RECORD: ConfigRecord(ops),
+                **model, "config": config, RECORD: ConfigRecord(ops),
                 ECHO: self._echo(inst.server_round, inst.nonce)})
         server = inst.server
 

@@ -43,7 +43,14 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedrad.common.arrays import array_values, record_of, state_dict_view
+from fedrad.common.arrays import (
+    LAYOUT,
+    array_values,
+    model_arrays,
+    packed_content,
+    record_of,
+    state_dict_view,
+)
 from fedrad.common.cache import load_cache
 from fedrad.common.config import Settings, load_settings
 from fedrad.common.errors import ConfigError, FedradError
@@ -106,6 +113,33 @@ def _training_metrics(content: RecordDict) -> dict[str, MetricRecord]:
     return {k: v for k, v in content.metric_records.items() if k != EVALUATION}
 
 
+def _reply_arrays(content: RecordDict) -> ArrayRecord:
+    """The model a training reply carries (its one array record, packed or not)."""
+    try:
+        return model_arrays(content, next(iter(content.array_records.keys())))
+    except ValueError as err:
+        raise ReplyRejected("malformed", f"the reply's packed arrays: {err}") from None
+
+
+def pack_messages(messages: Iterable[Message]) -> list[Message]:
+    """``messages`` with their model (``arrays``) packed into one Array each, in place.
+
+    Messages that share one ArrayRecord (every site gets the same global model) share
+    its packed form too: it is packed once (see :func:`fedrad.common.arrays.pack_record`).
+    """
+    out = list(messages)
+    packed: dict[int, dict[str, Any]] = {}
+    for msg in out:
+        arrays = msg.content.array_records.get("arrays")
+        if arrays is None or not len(arrays) or LAYOUT in msg.content.config_records:
+            continue  # no model, or packed already (Flower's messages may share a content)
+        if id(arrays) not in packed:
+            packed[id(arrays)] = packed_content(arrays)
+        for key, record in packed[id(arrays)].items():
+            msg.content[key] = record
+    return out
+
+
 def check_train_reply(content: RecordDict, reference: ArrayRecord) -> dict[str, np.ndarray]:
     """Validate a plain (non-secure) training reply against the global model it answers.
 
@@ -118,7 +152,7 @@ def check_train_reply(content: RecordDict, reference: ArrayRecord) -> dict[str, 
     if len(content.array_records) != 1 or len(training) != 1:
         raise ReplyRejected("malformed", "a training reply holds one array and one metric record "
                             f"(besides its optional '{EVALUATION}' counts)")
-    arrays = next(iter(content.array_records.values()))
+    arrays = _reply_arrays(content)
     metrics = next(iter(training.values()))
     sent = sum(len(a.data) for a in arrays.values())
     if sent > sum(len(a.data) for a in reference.values()) + _SLACK_BYTES:
@@ -292,8 +326,8 @@ class FedradFedAvg(FedAvg):
         self._sent[server_round] = arrays
         if self.evaluates_with_training:
             config[EVALUATE_RECEIVED] = True  # scores the model of server_round - 1
-        out = self._stamp("train", server_round,
-                          super().configure_train(server_round, arrays, config, grid))
+        out = self._stamp("train", server_round, pack_messages(
+            super().configure_train(server_round, arrays, config, grid)))
         if self.status is not None:
             self.status.step(server_round, "train", asked=[m.metadata.dst_node_id for m in out])
         return out
@@ -304,8 +338,8 @@ class FedradFedAvg(FedAvg):
         server_round += self.round_offset
         if self.evaluation_follows(server_round):
             return []  # the next round's training messages bring this evaluation
-        out = self._stamp("evaluate", server_round,
-                          super().configure_evaluate(server_round, arrays, config, grid))
+        out = self._stamp("evaluate", server_round, pack_messages(
+            super().configure_evaluate(server_round, arrays, config, grid)))
         if self.status is not None:
             self.status.step(server_round, "evaluate",
                              asked=[m.metadata.dst_node_id for m in out])
@@ -373,9 +407,16 @@ class FedradFedAvg(FedAvg):
             if model is None:
                 continue
             content = msg.content
-            arrays = next(iter(content.array_records.values()))
             if not model:  # not checked against a sent model: decode it here
-                model = {k: v.numpy() for k, v in arrays.items()}
+                try:
+                    model = {k: array_values(v) for k, v in _reply_arrays(content).items()}
+                except (ReplyRejected, ValueError) as e:
+                    code = e.code if isinstance(e, ReplyRejected) else "malformed"
+                    text = (f"train: node {msg.metadata.src_node_id} excluded: [{code}] "
+                            f"{getattr(e, 'message', e)}")
+                    self.note_failure(server_round, text)
+                    log.warning("round %d %s", server_round, text)
+                    continue
             metrics = next(iter(_training_metrics(content).values()))
             if self.evaluates_with_training:
                 self._take_evaluation(server_round - 1, msg, evaluated, EVALUATION)
@@ -389,7 +430,7 @@ class FedradFedAvg(FedAvg):
             weights.append(n)
             losses.append(float(metrics.get("train-loss", float("nan"))))
             answered.append(int(msg.metadata.src_node_id))
-            del msg, content, arrays, model  # this reply is no longer held
+            del msg, content, model  # this reply is no longer held
         log.info("round %d: %d training replies, %d failures", server_round, len(received),
                  len(errors))
         self._note_failures(server_round, "train", received, errors)

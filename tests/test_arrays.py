@@ -62,3 +62,111 @@ def test_a_damaged_array_is_refused_with_what_is_wrong(data, shape, message) -> 
         array_values(Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data))
     with pytest.raises(ValueError, match="not 'numpy.ndarray'"):
         array_values(Array(dtype="float32", shape=(3,), stype="torch.Tensor", data=good))
+
+
+def _resnet_record() -> ArrayRecord:
+    torch.manual_seed(0)
+    return record_of(model_from_settings(load_settings({"image-size": 28})).state_dict())
+
+
+def test_a_packed_model_is_one_array_and_unpacks_to_views_of_it() -> None:
+    from fedrad.common.arrays import PACKED, PACKED_STYPE, pack_record, unpack_record
+
+    record = _resnet_record()
+    packed, layout = pack_record(record)
+    assert list(packed.keys()) == [PACKED]
+    whole = packed[PACKED]
+    assert (whole.dtype, whole.stype) == ("uint8", PACKED_STYPE)
+    assert len(whole.data) == sum(len(a.data) for a in record.values())
+    back = unpack_record(packed, layout)
+    assert list(back.keys()) == list(record.keys())
+    everything = np.frombuffer(whole.data, np.uint8)
+    for name, array in record.items():
+        got = back[name]
+        assert (got.dtype, tuple(got.shape), got.stype) == (array.dtype, tuple(array.shape),
+                                                           array.stype)
+        assert got.object_id == array.object_id  # the same bytes, tensor by tensor
+        view = array_values(got)
+        np.testing.assert_array_equal(view, array_values(array))
+        if view.size:
+            assert np.shares_memory(view, everything)  # no copy
+    model = model_from_settings(load_settings({"image-size": 28}))
+    model.load_state_dict(state_dict_view(back), strict=True)
+
+
+def test_a_packed_message_is_a_few_flower_objects_instead_of_hundreds() -> None:
+    """Flower sends every object of a message in a request of its own, at every hop."""
+    from flwr.app import RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedrad.common.arrays import model_arrays, packed_content
+
+    torch.manual_seed(0)
+    state = model_from_settings(load_settings({"image-size": 28})).state_dict()
+    # as after training: no two tensors alike (Flower sends identical objects once)
+    record = record_of({k: torch.randn(v.shape) if v.is_floating_point()
+                        else torch.full(v.shape, i) for i, (k, v) in enumerate(state.items())})
+    plain = RecordDict({"arrays": record})
+    packed = RecordDict(packed_content(record))
+    n_plain = len(get_all_nested_objects(plain))
+    n_packed = len(get_all_nested_objects(packed))
+    assert n_plain > 200 and n_packed < 20, (n_plain, n_packed)
+    assert list(model_arrays(packed).keys()) == list(record.keys())
+    assert model_arrays(plain) is record
+
+
+def _broken(kind: str):
+    from flwr.app import ConfigRecord
+
+    from fedrad.common.arrays import PACKED, pack_record
+
+    packed, layout = pack_record(record_of({"a": np.arange(6, dtype=np.float32),
+                                            "b": np.array(3, dtype=np.int64)}))
+    fields = dict(layout)
+    if kind == "short":
+        whole = packed[PACKED]
+        packed = ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(whole.data) - 4,),
+                                            stype=whole.stype, data=whole.data[:-4])})
+    elif kind == "twice":
+        fields["names"] = ["a", "a"]
+    elif kind == "lists":
+        fields["dtypes"] = ["float32"]
+    elif kind == "dims":
+        fields["ndims"] = [2, 0]
+    elif kind == "negative":
+        fields["lengths"] = [-1, 1]
+    elif kind == "not-packed":
+        packed = ArrayRecord({"a": Array(np.zeros(3))})
+    elif kind == "stype":
+        whole = packed[PACKED]
+        packed = ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(whole.data),),
+                                            stype="numpy.ndarray", data=whole.data)})
+    return packed, ConfigRecord(fields)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("short", "the layout covers"), ("twice", "names a tensor twice"),
+    ("lists", "lists 2 names, 1 dtypes"), ("dims", "need 2 dimensions, it has 1"),
+    ("negative", "'lengths' is not a list of non-negative integers"),
+    ("not-packed", "holds one Array named"), ("stype", "not 'fedrad.npy-sequence'"),
+])
+def test_a_packed_record_that_does_not_add_up_is_refused(kind: str, message: str) -> None:
+    from fedrad.common.arrays import unpack_record
+
+    packed, layout = _broken(kind)
+    with pytest.raises(ValueError, match=message):
+        unpack_record(packed, layout)
+
+
+def test_a_packed_tensor_whose_bytes_disagree_with_the_layout_is_refused_when_read() -> None:
+    from flwr.app import ConfigRecord
+
+    from fedrad.common.arrays import pack_record, unpack_record
+
+    packed, layout = pack_record(record_of({"a": np.arange(6, dtype=np.float32)}))
+    fields = dict(layout)
+    fields["dims"] = [3, 2]
+    fields["ndims"] = [2]
+    back = unpack_record(packed, ConfigRecord(fields))
+    with pytest.raises(ValueError, match=r"says float32 \(3, 2\), its payload float32 \(6,\)"):
+        array_values(back["a"])

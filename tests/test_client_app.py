@@ -213,3 +213,30 @@ def test_secure_training_refuses_a_weight_above_the_public_bound() -> None:
     with pytest.raises(FedradError, match="weight-above-bound"):
         mask_vector({"work-instance": 1, "receive-from": [], "receive-cts": [],
                      "work-total-weight": 10.0}, state, np.zeros(3), weight=50)
+
+
+def test_a_packed_model_is_answered_packed_and_a_broken_one_named(tmp_path: Path,
+                                                                   settings) -> None:
+    from fedrad.common.arrays import LAYOUT, model_arrays, packed_content
+
+    cache = _write_site(tmp_path / "cache")
+    app = make_client_app()
+    config = ConfigRecord({**settings.to_site_config(), "server-round": 1})
+    ctx = _context({"data-dir": str(cache), "site-id": "site-a"})
+    sent = _initial(settings)
+    msg = _message("train", sent, {})
+    msg.content = RecordDict({**packed_content(sent), "config": config})
+    reply = app(msg, ctx)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"arrays", LAYOUT, "metrics", "site"}
+    trained = model_arrays(reply.content)
+    assert [(k, a.dtype, tuple(a.shape)) for k, a in trained.items()] == \
+        [(k, a.dtype, tuple(a.shape)) for k, a in sent.items()]
+    assert not np.array_equal(trained["conv1.weight"].numpy(), sent["conv1.weight"].numpy())
+
+    model = packed_content(sent)
+    model[LAYOUT] = ConfigRecord({**dict(model[LAYOUT]), "names": ["x"] * len(sent)})
+    msg.content = RecordDict({**model, "config": config})
+    with pytest.raises(Exception, match=r"\[bad-message\] the server's packed model: the "
+                       "layout names a tensor twice"):
+        app(msg, ctx)

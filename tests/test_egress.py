@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from fedrad.cli import app as fedrad_cli
 from fedrad.client.client_app import make_client_app
 from fedrad.client.egress import egress_log_path, egress_mod, flower_error_reason
+from fedrad.common.arrays import LAYOUT, model_arrays, packed_content
 from fedrad.common.cache import write_cache
 from fedrad.common.config import load_settings
 from fedrad.common.models import model_from_settings
@@ -62,17 +63,21 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-tensor"])
 def test_every_reply_is_logged_with_its_exact_bytes_and_digests(tmp_path: Path,
-                                                                settings) -> None:
+                                                                settings, packed) -> None:
     cache = _write_site(tmp_path / "Doe_John_cache")
     torch.manual_seed(0)
     arrays = ArrayRecord(model_from_settings(settings).state_dict())
     config = ConfigRecord({**settings.to_site_config(), "server-round": 3})
     ctx = _context({"data-dir": str(cache), "site-id": "site-a"})
     app = make_client_app()
+    model = packed_content(arrays) if packed else {"arrays": arrays}
 
-    train = app(_message("train", RecordDict({"arrays": arrays, "config": config})), ctx)
-    evaluate = app(_message("evaluate", RecordDict({"arrays": arrays, "config": config})), ctx)
+    train = app(_message("train", RecordDict({**model, "config": config})), ctx)
+    evaluate = app(_message("evaluate", RecordDict({**model, "config": config})), ctx)
+    assert (LAYOUT in train.content.config_records) == packed  # answered in the same form
+    trained = model_arrays(train.content)
 
     log_file = cache / "egress.jsonl"
     assert egress_log_path(ctx.node_config) == log_file
@@ -89,16 +94,17 @@ def test_every_reply_is_logged_with_its_exact_bytes_and_digests(tmp_path: Path,
             record = reply.content[described["name"]]
             assert described["sha256"] == hashlib.sha256(record.deflate()).hexdigest()
             assert described["bytes"] == _flower_bytes(record)
-    arrays_words = entries[0]["records"][0]["contents"]
-    n_numbers = sum(int(np.prod(a.shape)) for a in train.content["arrays"].values())
-    assert f"{len(train.content['arrays'])} arrays, {n_numbers} numbers" in arrays_words
-    conv1 = train.content["arrays"]["conv1.weight"]
+    described = {r["name"]: r for r in entries[0]["records"]}
+    arrays_words = described["arrays"]["contents"]
+    n_numbers = sum(int(np.prod(a.shape)) for a in trained.values())
+    assert f"{len(trained)} arrays, {n_numbers} numbers" in arrays_words
+    conv1 = trained["conv1.weight"]
     assert f"conv1.weight float32{list(conv1.shape)}" in arrays_words
     listed = {name: (dtype, tuple(shape))
-              for name, dtype, shape in entries[0]["records"][0]["arrays"]}
-    assert listed == {k: (a.dtype, tuple(a.shape)) for k, a in train.content["arrays"].items()}
-    assert "train-loss (float)" in entries[0]["records"][1]["contents"]
-    assert entries[0]["records"][2]["contents"] == "1 config keys: site-id (str)"
+              for name, dtype, shape in described["arrays"]["arrays"]}
+    assert listed == {k: (a.dtype, tuple(a.shape)) for k, a in trained.items()}
+    assert "train-loss (float)" in described["metrics"]["contents"]
+    assert described["site"]["contents"] == "1 config keys: site-id (str)"
 
     text = log_file.read_text()
     assert str(tmp_path) not in text and "Doe_John" not in text

@@ -19,6 +19,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedrad.common.arrays import model_arrays
 from fedrad.common.config import load_settings
 from fedrad.common.metrics import (
     EVALUATE_RECEIVED,
@@ -347,7 +348,7 @@ class _FoldingGrid(_PushPullGrid):
 
     def _reply(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        model_round = int(msg.content["arrays"]["w"].numpy().flat[0])
+        model_round = int(model_arrays(msg.content)["w"].numpy().flat[0])
         if msg.metadata.message_type == "evaluate":
             return Message(RecordDict({
                 "metrics": MetricRecord(_counts_metrics(node, model_round)),
@@ -408,3 +409,37 @@ def test_evaluation_rides_with_training_only_when_every_site_trains_in_plain_rou
     strategy = FedradFedAvg(settings, MetricsLog(Path("unused"), settings.classes))
     assert not strategy.evaluates_with_training
     assert not strategy.evaluation_follows(1)
+
+
+def test_the_model_travels_packed_once_per_round_and_packed_replies_are_checked(
+        tmp_path: Path, task_identity) -> None:
+    from fedrad.common.arrays import LAYOUT, packed_content
+
+    strategy = _strategy(tmp_path)
+    global_arrays = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)),
+                                 "bn.num_batches_tracked": Array(np.array(0, np.int64))})
+    grid = _Nodes([11, 12, 13])
+    messages = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), grid))
+    assert all(LAYOUT in m.content.config_records for m in messages)
+    assert len({id(m.content["arrays"]) for m in messages}) == 1  # packed once for all
+    sent = model_arrays(messages[0].content)
+    assert list(sent.keys()) == list(global_arrays.keys())
+    assert all(sent[k].data == global_arrays[k].data for k in sent.keys())
+
+    def packed(reply: Message, layout_fix: dict | None = None) -> Message:
+        model = packed_content(reply.content["arrays"])
+        if layout_fix:
+            model[LAYOUT] = ConfigRecord({**dict(model[LAYOUT]), **layout_fix})
+        for key, record in model.items():
+            reply.content[key] = record
+        return reply
+
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies = [packed(_answer(by_node[11], np.zeros((2, 2)), 10)),
+               packed(_answer(by_node[12], np.ones((2, 2)), 30)),
+               packed(_answer(by_node[13], np.full((2, 2), 9.0), 10), {"lengths": [1, 2]})]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 0.75))
+    assert metrics["sites"] == 2
+    assert any("[malformed]" in f and "node 13" in f and "packed" in f
+               for f in strategy.round_failures[1])
