@@ -7,7 +7,10 @@ home and a tiny prepared cache (``--images-per-site`` PneumoniaMNIST images at 2
 written as DICOM and prepared as in ``fedrad demo``; reused under ``--cache-root``).  The
 coordinator runs ``flower-superlink`` and ``flwr run`` of a bundle the sites approved,
 ``--rounds`` rounds of ResNet-18, once per mode (``--plain``: ``secure-aggregation=false``,
-``--secure``: SecAgg+; both by default).
+``--secure``: SecAgg+; both by default).  All sites share this machine's cores, so each
+site's torch trains with ``--site-threads`` threads (its ``cpu-threads`` node config,
+default 1): a hospital's site has its own machine, and 20 sites with a thread per core
+each would spend the cores spinning on each other.
 
 Printed per round:
 
@@ -292,7 +295,8 @@ def run_mode(args: argparse.Namespace, secure: bool, caches: list[tuple[str, Pat
                      "--root-certificates", str(fed.study.ca_cert),
                      "--auth-supernode-private-key", str(key.private_key),
                      "--node-config",
-                     f'data-dir="{cache}" site-id="{key.site_id}" egress-log="{egress}"']
+                     f'data-dir="{cache}" site-id="{key.site_id}" egress-log="{egress}" '
+                     f'cpu-threads={args.site_threads}']
             log_file = open(fed.logs / f"site-{i + 1}.log", "w")  # noqa: SIM115
             site_env = {**fed.env, "FLWR_HOME": str(site_dir / "flwr-home")}
             if args.launcher:
@@ -435,7 +439,8 @@ def analyse(mode: str, site_ids: list[str], rounds: int, out_dir: Path, fed: Loo
 
 def describe(args: argparse.Namespace) -> str:
     return (f"site launcher {args.launcher or 'default (warm)'}, SuperNode poll "
-            f"{args.poll or 3:g} s, sites started by {args.site_command}")
+            f"{args.poll or 3:g} s, sites started by {args.site_command}, "
+            f"{args.site_threads} torch thread(s) per site")
 
 
 def report(result: dict[str, Any]) -> None:
@@ -492,6 +497,8 @@ def main() -> None:
                              "what the site container runs) or with its run_site call alone")
     parser.add_argument("--launcher", choices=("warm", "cold"),
                         help="FEDRAD_SITE_LAUNCHER for the sites (default: run_site's)")
+    parser.add_argument("--site-threads", type=int, default=1,
+                        help="torch CPU threads per site (its cpu-threads node config)")
     parser.add_argument("--poll", type=float,
                         help="FEDRAD_SUPERNODE_POLL: the SuperNodes' idle poll in seconds "
                              "(default: Flower's 3 s)")

@@ -58,6 +58,9 @@ APPROVED_APPS_ENV = "FEDRAD_APPROVED_APPS"
 DEFAULT_APPROVED_FILE = "approved-apps.json"
 CLIENTAPP_COMMAND = "fedrad-clientapp"
 POLL_ENV = "FEDRAD_SUPERNODE_POLL"
+#: glibc's malloc setting for the site's processes (unless set), as the coordinator image's
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+MMAP_THRESHOLD = "1048576"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -336,6 +339,9 @@ def run_site(supernode_args: list[str], approved_path: Path, *, runtime_port: in
                           f"{supernode_poll}")
     bindir = Path(sys.executable).parent
     env = {**os.environ, APPROVED_APPS_ENV: str(approved_path)}
+    # buffers of 1 MB and more (a model's chunks in transit) go back to the system when
+    # freed, instead of staying in malloc's heap as the high-water mark of every message
+    env.setdefault(MMAP_THRESHOLD_ENV, MMAP_THRESHOLD)
     if supernode_poll is not None:
         # the SuperExec asks its SuperNode (on 127.0.0.1) for a task every 1 s by default:
         # Flower's own setting, at most the SuperNode's poll

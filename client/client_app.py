@@ -64,7 +64,7 @@ from fedrad.common.secagg.wire import (
     update_to_vector,
 )
 from fedrad.common.splits import site_split
-from fedrad.common.training import predict_scores, select_device, train_local
+from fedrad.common.training import cpu_budget, predict_scores, select_device, train_local
 
 from .secure_client import handle_query, mask_vector
 
@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 NODE_DATA_DIR = "data-dir"
 NODE_SITE_ID = "site-id"
 NODE_DEVICE = "device"
+#: node config: torch CPU threads for this site's training (default: the CPUs it may use)
+NODE_CPU_THREADS = "cpu-threads"
 #: ``context.state`` record holding a FedBN site's own normalisation layers (never sent)
 LOCAL_NORMS = "fedbn-local-norms"
 
@@ -317,6 +319,33 @@ def _settings_from(msg: Message, context: Context) -> Settings:
     return load_settings({**base, **config})
 
 
+@lru_cache(maxsize=1)
+def _torch_default_threads() -> int:
+    """torch's own choice, before fedrad sets anything (the machine's physical cores)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def site_cpu_threads(node_config: Mapping[str, Any]) -> int:
+    """torch CPU threads for a deployed site: ``cpu-threads`` in its node config, else
+    torch's default capped by :func:`~fedrad.common.training.cpu_budget` (the site's
+    affinity mask and container CPU quota)."""
+    value = node_config.get(NODE_CPU_THREADS)
+    if value is None or value == "":
+        return min(_torch_default_threads(), cpu_budget())
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise FedradError("bad-node-config",
+                          f"{NODE_CPU_THREADS}={value!r} in the SuperNode's --node-config: give "
+                          "a whole number of threads, 1 or more (or leave it out: the CPUs the "
+                          "site may use)")
+    return n
+
+
 def _received_model(msg: Message) -> ArrayRecord:
     """The model a server message carries (packed into one Array, or one Array per tensor)."""
     try:
@@ -362,21 +391,22 @@ def make_client_app(
     # The egress log comes first: it records each reply exactly as it leaves the site.
     client_app = ClientApp(mods=[egress_mod])
 
-    def _prepare_process() -> None:
-        """Per message: the torch thread cap, and (in a Ray actor) the out-of-band transport."""
-        if threads is not None:
-            import torch
+    def _prepare_process(context: Context) -> None:
+        """Per message: torch's CPU threads, and (in a Ray actor) the out-of-band transport."""
+        import torch
 
-            torch.set_num_threads(threads)
+        wanted = threads if threads is not None else site_cpu_threads(context.node_config)
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
         if in_ray_worker():  # a simulated site: its replies' weights go to Ray out of band
             use_out_of_band_arrays()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
-        _prepare_process()
 
         def run() -> Message:
+            _prepare_process(context)
             site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
             server_round = int(msg.content["config"].get("server-round", 1))
@@ -416,9 +446,9 @@ def make_client_app(
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         label = str(context.node_config.get(NODE_SITE_ID, "unnamed-site"))
-        _prepare_process()
 
         def run() -> Message:
+            _prepare_process(context)
             site = _site_from_node_config(context.node_config, sites)
             settings = _settings_from(msg, context)
             metrics = evaluate_on_site(_received_model(msg), settings, site,

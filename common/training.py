@@ -28,6 +28,7 @@ from .errors import ConfigError, FedradError, SiteDataError
 
 __all__ = [
     "TrainResult",
+    "cpu_budget",
     "select_device",
     "normalize_batch",
     "train_local",
@@ -50,6 +51,49 @@ PIXEL_MEAN = 0.5  # of the [0, 1] preprocessed pixel values
 PIXEL_STD = 0.25
 CHECK_EVERY = 50  # CUDA: batches between loss checks (each one waits for the GPU)
 DEVICE_RESIDENT_FRACTION = 0.25  # CUDA: upload the uint8 set when under this share of free memory
+
+
+def _cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs granted by this process's cgroup (``docker run --cpus``), or None if unlimited.
+
+    cgroup v2 ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD"), else v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+    """
+    from pathlib import Path
+
+    base = Path(root)
+    try:
+        quota, _, period = (base / "cpu.max").read_text().strip().partition(" ")
+        if quota != "max" and float(period) > 0:
+            return float(quota) / float(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = float((base / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = float((base / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def cpu_budget(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota.
+
+    torch sizes its thread pool by the machine's cores; a site container limited to
+    ``--cpus 4`` on a 64-core host would otherwise run 64 threads on 4 cores' worth of
+    time, several times slower than 4 threads.
+    """
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
 
 
 @dataclass(frozen=True)

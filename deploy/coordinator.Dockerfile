@@ -13,7 +13,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
-    FLWR_TELEMETRY_ENABLED=0 FLWR_HOME=/home/fedrad/.flwr PATH=/opt/fedrad/bin:$PATH
+    FLWR_TELEMETRY_ENABLED=0 FLWR_HOME=/home/fedrad/.flwr PATH=/opt/fedrad/bin:$PATH \
+    MALLOC_MMAP_THRESHOLD_=1048576
 
 RUN python3 -m venv /opt/fedrad
 COPY . /src/fedrad/

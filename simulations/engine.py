@@ -34,11 +34,10 @@ OBJECT_STORE_BYTES = 1 << 30
 
 
 def available_cpus() -> int:
-    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """CPU cores this process may run on: its affinity mask, capped by a container's quota."""
+    from fedrad.common.training import cpu_budget
+
+    return cpu_budget()
 
 
 def simulation_actors(num_sites: int, *, cpus_per_site: int = 1,

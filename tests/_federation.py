@@ -97,6 +97,8 @@ class LoopbackFederation:
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONUNBUFFERED": "1",
+                    # as the coordinator and site images set it (deploy/*.Dockerfile)
+                    "MALLOC_MMAP_THRESHOLD_": "1048576",
                     # the SuperLink and SuperNodes start flower-superexec / flwr-clientapp
                     # by name: this interpreter's scripts come first
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

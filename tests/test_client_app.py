@@ -240,3 +240,28 @@ def test_a_packed_model_is_answered_packed_and_a_broken_one_named(tmp_path: Path
     with pytest.raises(Exception, match=r"\[bad-message\] the server's packed model: the "
                        "layout names a tensor twice"):
         app(msg, ctx)
+
+
+def test_a_site_sets_its_torch_threads_from_its_node_config(tmp_path: Path, settings) -> None:
+    from fedrad.client.client_app import site_cpu_threads
+    from fedrad.common.errors import FedradError
+    from fedrad.common.training import cpu_budget
+
+    assert site_cpu_threads({"cpu-threads": "3"}) == 3
+    assert 1 <= site_cpu_threads({}) <= cpu_budget()
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(FedradError, match="cpu-threads=.* whole number of threads"):
+            site_cpu_threads({"cpu-threads": bad})
+    cache = _write_site(tmp_path / "cache")
+    app = make_client_app()
+    config = {**settings.to_site_config(), "server-round": 1}
+    before = torch.get_num_threads()
+    try:
+        ctx = _context({"data-dir": str(cache), "site-id": "site-a", "cpu-threads": 1})
+        assert not app(_message("evaluate", _initial(settings), config), ctx).has_error()
+        assert torch.get_num_threads() == 1
+        ctx = _context({"data-dir": str(cache), "site-id": "site-a", "cpu-threads": "many"})
+        with pytest.raises(Exception, match=r"\[bad-node-config\] cpu-threads='many'"):
+            app(_message("evaluate", _initial(settings), config), ctx)
+    finally:
+        torch.set_num_threads(before)

@@ -171,3 +171,17 @@ def test_flwr_connection_points_at_the_loopback_superlink(compose: dict) -> None
     superlink = compose["services"]["superlink"]["command"]
     assert link["address"] == f"127.0.0.1:{superlink[superlink.index('--port') + 1]}"
     assert link["root-certificates"] == "/run/secrets/ca.crt"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_set_the_malloc_threshold_the_tests_and_sites_run_with(
+        name: str, tmp_path: Path) -> None:
+    """Big buffers go back to the system when freed: in the images, the loopback
+    federation of the tests and benchmark, and every process ``fedrad site run`` starts."""
+    from _federation import LoopbackFederation
+
+    from fedrad.client.approval import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV
+
+    env = " ".join(arg for k, arg in _instructions(DEPLOY / name) if k == "ENV")
+    assert f"{MMAP_THRESHOLD_ENV}={MMAP_THRESHOLD}" in env.split()
+    assert LoopbackFederation(tmp_path).env[MMAP_THRESHOLD_ENV] == MMAP_THRESHOLD

@@ -400,3 +400,23 @@ def test_cuda_pinned_staging_path_matches_device_resident(monkeypatch):
         device=device,
     )
     assert np.isfinite(result.mean_loss)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # docker run --cpus 1.5: two threads
+    ({"cpu.max": "100000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),  # no quota: the affinity mask
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_the_cpu_budget_honours_a_container_quota(tmp_path, files, expected) -> None:
+    import os
+
+    from fedrad.common.training import cpu_budget
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_budget(str(tmp_path)) == (cores if expected is None else min(cores, expected))

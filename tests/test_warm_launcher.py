@@ -197,3 +197,29 @@ def test_the_fedrad_command_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == ""
+
+
+def test_site_run_starts_its_processes_with_the_malloc_threshold(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    import fedrad.client.approval as approval
+
+    started: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def popen(args, env=None, **kwargs):  # noqa: ANN001
+        started.append(dict(env or {}))
+        raise Stop
+
+    monkeypatch.delenv(approval.MMAP_THRESHOLD_ENV, raising=False)
+    monkeypatch.setattr("subprocess.Popen", popen)  # run_site imports it when it runs
+    with pytest.raises(Stop):
+        approval.run_site(["--superlink", "x:1"], tmp_path / "approved-apps.json",
+                          launcher="cold")
+    assert started and started[0][approval.MMAP_THRESHOLD_ENV] == approval.MMAP_THRESHOLD
+    monkeypatch.setenv(approval.MMAP_THRESHOLD_ENV, "65536")  # the site's own choice wins
+    with pytest.raises(Stop):
+        approval.run_site(["--superlink", "x:1"], tmp_path / "approved-apps.json",
+                          launcher="cold")
+    assert started[-1][approval.MMAP_THRESHOLD_ENV] == "65536"
