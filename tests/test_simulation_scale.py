@@ -117,3 +117,63 @@ def test_six_sites_answer_from_a_pool_of_actors(tmp_path: Path) -> None:
     assert rows["pooled"]["n"] == sum(rows[f"site:site-{k}"]["n"] for k in range(1, 7))
     # six sites, but only as many actor processes as sites can train at a time
     assert 1 <= len(actors) <= simulation_actors(len(sites))
+
+
+def test_pushed_messages_reach_the_sites_at_once_not_at_the_next_poll() -> None:
+    """Flower's simulation polls its state for new messages every 0.1 s; fedrad wakes it."""
+    import queue
+    import time
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedrad.simulations.engine import deliver_on_push, waking
+
+    assert deliver_on_push() and deliver_on_push()  # idempotent: wrapped once
+    assert InMemoryGrid.push_messages._fedrad_wakes
+    assert not hasattr(InMemoryGrid.push_messages.__wrapped__, "_fedrad_wakes")
+
+    class State:  # the two LinkState calls the delivery loop and the push make
+        def __init__(self) -> None:
+            self.waiting: dict[int, list[str]] = {1: [], 2: []}
+            self.lock = threading.Lock()
+
+        def store(self, node: int, msg: str) -> None:
+            with self.lock:
+                self.waiting[node].append(msg)
+
+        def get_message_ins(self, node_id: int, limit: int) -> list[str]:
+            with self.lock:
+                got = self.waiting[node_id][:limit]
+                del self.waiting[node_id][:limit]
+            return got
+
+    class Grid:
+        def __init__(self, state: State) -> None:
+            self.state = state
+
+        @waking
+        def push_messages(self, messages):  # noqa: ANN001, ANN202
+            for node, msg in messages:
+                self.state.store(node, msg)
+            return [m for _, m in messages]
+
+    state, out, stop = State(), queue.Queue(), threading.Event()
+    grid = Grid(state)
+    loop = threading.Thread(target=vce_api.add_messages_to_queue,
+                            args=(state, out, {1: 0, 2: 1}, stop), daemon=True)
+    loop.start()
+    try:
+        delays = []
+        for i in range(20):
+            time.sleep(0.013 * (i % 7))  # pushes at any point of the 0.1 s cycle
+            started = time.perf_counter()
+            grid.push_messages([(1, f"a{i}"), (2, f"b{i}")])
+            got = {out.get(timeout=1), out.get(timeout=1)}
+            delays.append(time.perf_counter() - started)
+            assert got == {f"a{i}", f"b{i}"}
+        # Flower's own loop takes up to 0.1 s (0.05 s on average) to notice a push
+        assert sorted(delays)[len(delays) // 2] < 0.02, delays
+    finally:
+        stop.set()
+        loop.join(timeout=2)
