@@ -80,29 +80,60 @@ def weighted_mean(sites: Sequence[tuple[Weights, float]], key: str) -> np.ndarra
     return acc
 
 
+#: values per step of :meth:`RunningMean.add` (its float64 scratch, 512 KiB, stays in cache)
+ADD_CHUNK = 1 << 16
+
+
 class RunningMean:
     """``sum(n_i * x_i) / sum(n_i)`` of every tensor, site models added one at a time.
 
     The sum is kept in float64 (one copy of the model); :meth:`mean` divides it in place.
+    ``reuse``: float64 arrays (a previous round's :meth:`mean`) to keep the sum in, where
+    their shapes fit, instead of fresh memory that the system must fault in and zero.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reuse: Mapping[str, np.ndarray] | None = None) -> None:
         self._acc: dict[str, np.ndarray] | None = None
+        self._reuse = dict(reuse or {})
+        self._scratch = np.empty(ADD_CHUNK, dtype=np.float64)
         self.total = 0.0
         self.sites = 0
 
     def add(self, weights: Weights, n: float) -> None:
-        """Add one site's model ``weights`` with its sample count ``n``."""
+        """Add one site's model ``weights`` with its sample count ``n``.
+
+        ``n * x`` is formed a cache-sized chunk at a time: a whole-tensor float64
+        temporary would be written to and read back from memory (ResNet-18: 90 MB per
+        site, 2.4 times as long on a 2-core server).
+        """
         n = float(n)
         if self._acc is None:
-            # np.array keeps 0-d tensors arrays, so the in-place updates below reach them
-            self._acc = {k: np.array(np.multiply(v, n, dtype=np.float64))
-                         for k, v in weights.items()}
+            self._acc = {}
+            for k, v in weights.items():
+                # an array even for 0-d tensors, so the in-place updates below reach them
+                buf = self._reuse.pop(k, None)
+                if buf is None or buf.shape != np.shape(v) or buf.dtype != np.float64:
+                    buf = np.empty(np.shape(v), dtype=np.float64)
+                self._acc[k] = np.multiply(v, n, out=buf, dtype=np.float64)
+            self._reuse.clear()
         else:
             for k, acc in self._acc.items():
-                np.add(acc, np.multiply(weights[k], n, dtype=np.float64), out=acc)
+                self._add_scaled(acc, np.asarray(weights[k]), n)
         self.total += n
         self.sites += 1
+
+    def _add_scaled(self, acc: np.ndarray, value: np.ndarray, n: float) -> None:
+        """``acc += n * value`` in float64, in place."""
+        if acc.size <= ADD_CHUNK or acc.ndim == 0 or value.shape != acc.shape:
+            # small tensors at once; a shape mismatch raises numpy's broadcasting error
+            np.add(acc, np.multiply(value, n, dtype=np.float64), out=acc)
+            return
+        flat_acc, flat = acc.reshape(-1), value.reshape(-1)  # views: both are C-contiguous
+        for start in range(0, flat_acc.size, ADD_CHUNK):
+            end = min(start + ADD_CHUNK, flat_acc.size)
+            part = self._scratch[:end - start]
+            np.multiply(flat[start:end], n, out=part, dtype=np.float64)
+            np.add(flat_acc[start:end], part, out=flat_acc[start:end])
 
     def mean(self) -> dict[str, np.ndarray]:
         """The weighted mean of the models added (the running sum is used up)."""
@@ -135,6 +166,7 @@ class Aggregator:
         self.v: dict[str, np.ndarray] = {}
         #: Krum: the index (in the given order) of the site model chosen last
         self.last_selected: int | None = None
+        self._spare: dict[str, np.ndarray] | None = None  # the last mean's float64 arrays
 
     # ------------------------------------------------------------- plain rounds
     def aggregate(self, current: Weights, sites: Sequence[tuple[Weights, float]]
@@ -162,11 +194,19 @@ class Aggregator:
         """An empty running weighted mean for :meth:`finish` (mean strategies only)."""
         if not self.streams:
             raise ValueError(f"{self.name} needs every site model at once, not a running mean")
-        return RunningMean()
+        spare, self._spare = self._spare, None
+        return RunningMean(reuse=spare)
 
     def finish(self, current: Weights, running: RunningMean) -> dict[str, np.ndarray]:
-        """The next global model from ``current`` and the sites' :class:`RunningMean`."""
-        return self.server_step(current, running.mean())
+        """The next global model from ``current`` and the sites' :class:`RunningMean`.
+
+        The mean's float64 arrays are kept for the next round's running sum (the next
+        model is a copy in the model's own dtypes).
+        """
+        mean = running.mean()
+        new = self.server_step(current, mean)
+        self._spare = mean
+        return new
 
     def _robust(self, current: Weights, sites: Sequence[tuple[Weights, float]]
                 ) -> dict[str, np.ndarray]:

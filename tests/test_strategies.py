@@ -96,6 +96,52 @@ def test_mean_strategies_are_the_sample_weighted_mean(name: str) -> None:
     assert int(new["bn.num_batches_tracked"]) == round(counter)
 
 
+def test_running_mean_of_tensors_bigger_than_its_chunk_is_the_weighted_mean() -> None:
+    """RunningMean adds large tensors a chunk at a time; every value must still count once."""
+    from fedrad.server.strategies import ADD_CHUNK, RunningMean, weighted_mean
+
+    rng = np.random.default_rng(11)
+    size = 2 * ADD_CHUNK + 37  # two full chunks and a partial one
+    sites = []
+    for i in range(4):
+        big = rng.normal(size=(size,)).astype(np.float32).reshape(1, -1)
+        wide = rng.normal(size=(3, ADD_CHUNK)).astype(np.float32)
+        if i == 2:
+            wide = np.asfortranarray(wide)  # not C-contiguous: the chunks are copied views
+        sites.append(({"big": big, "wide": wide, "n": np.array(i + 1, np.int64)},
+                      float(COUNTS[i])))
+    running = RunningMean()
+    for weights, n in sites:
+        running.add(weights, n)
+    mean = running.mean()
+    assert running.sites == 4
+    for key in ("big", "wide", "n"):
+        np.testing.assert_allclose(mean[key], weighted_mean(sites, key), rtol=1e-12,
+                                   atol=1e-14)  # float64 sums; float32 would be off ~1e-7
+        assert mean[key].shape == sites[0][0][key].shape
+    bad = RunningMean()
+    bad.add({"big": np.ones(size)}, 1)
+    with pytest.raises(ValueError, match="broadcast"):
+        bad.add({"big": np.ones(size - 1)}, 1)  # a mismatch is numpy's error, not a wrong sum
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_a_rounds_model_is_not_changed_by_the_next_rounds_sum(name: str) -> None:
+    """The aggregator keeps its float64 sum for the next round; no model may alias it."""
+    aggregator, fresh = _aggregator(name), _aggregator(name)
+    first = aggregator.aggregate(CURRENT, list(zip(_site_models(1), COUNTS, strict=True)))
+    kept = {k: v.copy() for k, v in first.items()}
+    second = aggregator.aggregate(first, list(zip(_site_models(2), COUNTS, strict=True)))
+    for k in CURRENT:
+        np.testing.assert_array_equal(first[k], kept[k])  # round 1's model untouched
+    expected = fresh.aggregate(CURRENT, list(zip(_site_models(1), COUNTS, strict=True)))
+    fresh._spare = None  # the reference sums round 2 in fresh memory
+    expected = fresh.aggregate(expected, list(zip(_site_models(2), COUNTS, strict=True)))
+    for k in CURRENT:
+        np.testing.assert_array_equal(second[k], expected[k])
+        assert not np.shares_memory(second[k], first[k])
+
+
 def test_median_and_trimmed_mean_match_flower_and_ignore_an_outlier() -> None:
     models = _site_models()
     models[4]["w"] = models[4]["w"] + 1000.0  # a broken or malicious site
