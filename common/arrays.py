@@ -121,9 +121,67 @@ def array_of(value: Any) -> Array:
                  stype=_NUMPY, data=data)
 
 
+def _as_numpy(name: str, value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    value = np.asarray(value)
+    if value.dtype.hasobject:
+        raise ValueError(f"tensor {name}: an array of Python objects cannot be sent")
+    return value
+
+
 def record_of(state: Mapping[str, Any]) -> ArrayRecord:
-    """An ArrayRecord of named tensors or numpy arrays (see :func:`array_of`)."""
-    return ArrayRecord({k: array_of(v) for k, v in state.items()})
+    """An ArrayRecord of named tensors or numpy arrays, as :func:`array_of` serialises them.
+
+    Every value is copied once, into one buffer that holds the tensors' ``.npy`` bytes one
+    after another; each Array is a read-only view of its part (see :func:`array_view`), so
+    :func:`pack_record` packs the record without a second copy.
+    """
+    values = {k: _as_numpy(str(k), v) for k, v in state.items()}
+    headers = {}
+    for k, value in values.items():
+        head = io.BytesIO()  # the header of the C-ordered copy written below
+        np.lib.format.write_array_header_1_0(head, {
+            "descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
+            "shape": value.shape})
+        headers[k] = head.getvalue()
+    buffer = np.empty(sum(len(headers[k]) + v.nbytes for k, v in values.items()), np.uint8)
+    view = memoryview(buffer)
+    record = ArrayRecord()  # ArrayRecord(dict) would rebuild each Array from bytes
+    offset = 0
+    for k, value in values.items():
+        start = offset + len(headers[k])
+        end = start + value.nbytes
+        buffer[offset:start] = np.frombuffer(headers[k], np.uint8)
+        if value.nbytes:
+            np.copyto(buffer[start:end].view(value.dtype).reshape(value.shape), value)
+        record[k] = array_view(str(value.dtype), value.shape, view[offset:end])
+        offset = end
+    return record
+
+
+def _tiling(record: ArrayRecord) -> memoryview | None:
+    """The one buffer ``record``'s Arrays' bytes tile exactly, in order (as :func:`record_of`
+    leaves them), else None."""
+    owner = None
+    expected = 0
+    for array in record.values():
+        data = array.data
+        if not isinstance(data, memoryview) or (owner is not None and data.obj is not owner):
+            return None
+        if owner is None:
+            owner = data.obj
+            try:
+                whole = np.frombuffer(owner, np.uint8)
+            except (TypeError, ValueError):
+                return None
+            expected = whole.ctypes.data
+        if len(data) and np.frombuffer(data, np.uint8).ctypes.data != expected:
+            return None
+        expected += len(data)
+    if owner is None or expected != whole.ctypes.data + whole.nbytes:
+        return None
+    return memoryview(owner)
 
 
 def array_view(dtype: str, shape: tuple[int, ...], data: Any, *,
@@ -143,8 +201,9 @@ def array_view(dtype: str, shape: tuple[int, ...], data: Any, *,
 def pack_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
     """``record`` as one Array (its tensors' ``.npy`` bytes in order) and its layout.
 
-    One copy of the values.  The layout lists every tensor's name, dtype, shape and byte
-    length; :func:`unpack_record` gives the record back.
+    One copy of the values, none for a record :func:`record_of` made.  The layout lists
+    every tensor's name, dtype, shape and byte length; :func:`unpack_record` gives the
+    record back.
     """
     if not len(record):
         raise ValueError("an empty array record has nothing to pack")
@@ -157,11 +216,17 @@ def pack_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
         ndims.append(len(array.shape))
         dims.extend(int(n) for n in array.shape)
         lengths.append(len(array.data))
-    data = b"".join(array.data for array in record.values())
-    packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
+    tiled = _tiling(record)
+    if tiled is not None:  # the Arrays are one buffer already: pack it as it is
+        packed = array_view("uint8", (len(tiled),), tiled, stype=PACKED_STYPE)
+    else:
+        data = b"".join(array.data for array in record.values())
+        packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
     layout = ConfigRecord({"names": names, "dtypes": dtypes, "ndims": ndims, "dims": dims,
                            "lengths": lengths})
-    return ArrayRecord({PACKED: packed}), layout
+    record_out = ArrayRecord()  # ArrayRecord(dict) would rebuild the Array from bytes
+    record_out[PACKED] = packed
+    return record_out, layout
 
 
 def _int_list(layout: ConfigRecord, key: str) -> list[int]:

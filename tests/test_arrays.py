@@ -94,6 +94,32 @@ def test_a_packed_model_is_one_array_and_unpacks_to_views_of_it() -> None:
     model.load_state_dict(state_dict_view(back), strict=True)
 
 
+def test_packing_a_record_of_a_state_copies_nothing_and_gives_the_same_bytes() -> None:
+    """record_of writes every tensor once, into one buffer; pack_record then packs it as is."""
+    from fedrad.common.arrays import PACKED, pack_record
+
+    record = _resnet_record()
+    packed, layout = pack_record(record)
+    whole = np.frombuffer(packed[PACKED].data, np.uint8)
+    first = next(iter(record.values()))
+    assert np.shares_memory(whole, np.frombuffer(first.data, np.uint8))  # not a copy
+    assert packed[PACKED].data.readonly  # nobody writes through the packed view
+    per_tensor = ArrayRecord()  # the same tensors as bytes Arrays: packing copies them
+    for name, array in record.items():
+        per_tensor[name] = Array(dtype=array.dtype, shape=tuple(array.shape),
+                                 stype=array.stype, data=bytes(array.data))
+    copied, copied_layout = pack_record(per_tensor)
+    assert bytes(packed[PACKED].data) == bytes(copied[PACKED].data)
+    assert packed.object_id == copied.object_id and dict(layout) == dict(copied_layout)
+    assert not np.shares_memory(np.frombuffer(copied[PACKED].data, np.uint8), whole)
+    reordered = ArrayRecord()  # views of one buffer, but not in its order: copied, in order
+    for name in reversed(list(record.keys())):
+        reordered[name] = record[name]
+    again, again_layout = pack_record(reordered)
+    assert again_layout["names"] == list(reversed(layout["names"]))
+    assert bytes(again[PACKED].data) == b"".join(bytes(reordered[k].data) for k in reordered)
+
+
 def test_a_packed_message_is_a_few_flower_objects_instead_of_hundreds() -> None:
     """Flower sends every object of a message in a request of its own, at every hop."""
     from flwr.app import RecordDict
@@ -126,7 +152,7 @@ def _broken(kind: str):
     if kind == "short":
         whole = packed[PACKED]
         packed = ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(whole.data) - 4,),
-                                            stype=whole.stype, data=whole.data[:-4])})
+                                            stype=whole.stype, data=bytes(whole.data)[:-4])})
     elif kind == "twice":
         fields["names"] = ["a", "a"]
     elif kind == "lists":
@@ -140,7 +166,7 @@ def _broken(kind: str):
     elif kind == "stype":
         whole = packed[PACKED]
         packed = ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(whole.data),),
-                                            stype="numpy.ndarray", data=whole.data)})
+                                            stype="numpy.ndarray", data=bytes(whole.data))})
     return packed, ConfigRecord(fields)
 
 
