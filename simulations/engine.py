@@ -144,18 +144,24 @@ def run_in_simulation(server_app: ServerApp, client_app: ClientApp, num_sites: i
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from fedrad.common.ray_transport import use_out_of_band_arrays
+    from fedrad.common.ray_transport import forget_shared_sends, use_out_of_band_arrays
 
-    use_out_of_band_arrays()  # what the ServerApp sends (the sites' actors do the same)
+    # what the ServerApp sends, a model put in the object store once for all its sites
+    # (the sites' actors send their replies out of band too)
+    use_out_of_band_arrays(share_sends=True)
     deliver_on_push()
     config = simulation_backend_config(num_sites, cpus_per_site=cpus_per_site)
     log.info("simulation: %d sites on %d Ray actors", num_sites,
              int(config["init_args"]["num_cpus"]) // cpus_per_site)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_sites,
-            backend_config=config,
-        )
+    forget_shared_sends()  # references from an earlier simulation's Ray session
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_sites,
+                backend_config=config,
+            )
+    finally:
+        forget_shared_sends()

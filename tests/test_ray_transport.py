@@ -58,6 +58,7 @@ def test_a_model_message_goes_out_of_band_and_arrives_identical(monkeypatch) -> 
     # start unregistered, whatever an earlier simulation in this process did
     monkeypatch.delitem(cloudpickle.CloudPickler.dispatch, Array, raising=False)
     monkeypatch.setattr(ray_transport, "_registered", False)
+    monkeypatch.setattr(ray_transport, "_share_sends", False)  # as in a site's actor
 
     record = _model_record()
     content = RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 2})})
@@ -87,3 +88,46 @@ def test_outside_ray_nothing_says_it_is_a_worker() -> None:
     import ray
 
     assert in_ray_worker() == ray.is_initialized()
+
+
+def test_a_driver_puts_a_model_sent_to_many_sites_in_the_object_store_once(monkeypatch) -> None:
+    """The ServerApp sends one model to every site: one object-store copy, read in place."""
+    import gc
+
+    import ray
+
+    from fedrad.common import ray_transport
+    from fedrad.common.ray_transport import SHARE_BYTES, forget_shared_sends
+
+    monkeypatch.setattr(ray_transport, "_share_sends", True)
+    forget_shared_sends()
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value: puts.append(value.nbytes) or real_put(value))
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR",
+                 object_store_memory=80 * 1024 * 1024)
+    try:
+        big = Array(np.arange(SHARE_BYTES // 4 + 3, dtype=np.float32))
+        small = Array(np.arange(10, dtype=np.float32))
+        wires = [array_to_wire(big) for _ in range(10)]
+        assert puts == [len(big.data)]  # ten sends, one put
+        assert all(w[3] == wires[0][3] for w in wires)  # the same ObjectRef each time
+        assert isinstance(array_to_wire(small)[3], np.ndarray)  # small ones travel inline
+        back = array_from_wire(wires[0])
+        assert back.object_id == big.object_id and back.data.readonly
+        np.testing.assert_array_equal(array_values(back), array_values(big))
+        assert len(ray_transport._shared) == 1
+        del big, wires
+        gc.collect()
+        assert not ray_transport._shared  # freed with its Array
+        other = Array(np.ones(SHARE_BYTES, np.uint8))
+        array_to_wire(other)
+        forget_shared_sends()
+        array_to_wire(other)  # a new session's first send: put again
+        assert len(puts) == 3
+    finally:
+        forget_shared_sends()
+        if started_here:
+            ray.shutdown()
