@@ -443,3 +443,22 @@ def test_the_model_travels_packed_once_per_round_and_packed_replies_are_checked(
     assert metrics["sites"] == 2
     assert any("[malformed]" in f and "node 13" in f and "packed" in f
                for f in strategy.round_failures[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_all_finite_finds_any_nan_or_infinity_and_passes_huge_finite_values(dtype) -> None:
+    from fedrad.server.server_app import all_finite
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(64, 129)).astype(dtype)
+    assert all_finite(values) and all_finite(values[:0]) and all_finite(np.array(1.5, dtype))
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in ((0, 0), (31, 77), (63, 128)):
+            broken = values.copy()
+            broken[at] = bad
+            assert not all_finite(broken), (bad, at)
+        assert not all_finite(np.array(bad, dtype))
+    huge = np.full((1000,), np.finfo(dtype).max / 2, dtype=dtype)  # squares overflow
+    assert all_finite(huge)
+    huge[500] = np.nan
+    assert not all_finite(huge)
