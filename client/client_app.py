@@ -493,7 +493,7 @@ def _echo(msg: Message, content: RecordDict) -> None:
 
 def _masked_content(instance: int, masked: np.ndarray) -> RecordDict:
     return RecordDict({
-        MASKED: ArrayRecord({MASKED: Array(masked)}),
+        MASKED: record_of({MASKED: masked}),  # one copy (Flower's Array(ndarray) makes two)
         RECORD: ConfigRecord({"work-instance": int(instance)}),
     })
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fedrad.common.arrays import all_finite
 from fedrad.common.errors import FedradError
 from fedrad.common.secagg import SecAggClient, SecAggParams
 from fedrad.common.secagg.wire import params_from_json
@@ -153,7 +154,7 @@ def mask_vector(
     vector.  Raises ``FedradError("non-finite")`` for NaN or Inf in ``vector``.
     """
     vector = np.asarray(vector, np.float64)
-    if not np.isfinite(vector).all():
+    if not all_finite(vector):
         raise FedradError(
             "non-finite",
             "the site's update holds NaN or Inf (training diverged); lower learning-rate",

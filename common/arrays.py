@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-__all__ = ["LAYOUT", "PACKED", "PACKED_STYPE", "array_of", "array_values", "array_view",
-           "model_arrays", "pack_record", "packed_content", "record_of", "state_dict_view",
-           "unpack_record"]
+__all__ = ["LAYOUT", "PACKED", "PACKED_STYPE", "all_finite", "array_of", "array_values",
+           "array_view", "model_arrays", "pack_record", "packed_content", "record_of",
+           "state_dict_view", "unpack_record"]
 
 _NUMPY = "numpy.ndarray"  # flwr's SType.NUMPY
 #: the one Array of a packed record (:func:`pack_record`)
@@ -293,3 +293,20 @@ def model_arrays(content: RecordDict, key: str = "arrays") -> ArrayRecord:
     if layout is None:
         return record
     return unpack_record(record, layout)
+
+
+def all_finite(value: np.ndarray) -> bool:
+    """True if no value is NaN or infinite.
+
+    Float32/64 tensors are first screened by ``x . x`` (one BLAS pass, no temporary; a NaN
+    or infinity makes it NaN or infinite, since the squares never cancel), which on a
+    ResNet-18 reply takes about half of ``isfinite(x).all()``; only a tensor whose dot
+    is not finite (a NaN, an infinity, or values so big that their squares overflow) is
+    checked value by value.
+    """
+    if value.dtype in (np.float32, np.float64) and value.size:
+        flat = value.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(value).all())

@@ -51,7 +51,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedrad.common.arrays import packed_content
+from fedrad.common.arrays import array_values, packed_content
 from fedrad.common.config import Settings
 from fedrad.common.errors import FedradError
 from fedrad.common.metrics import counts_from_metrics, pooled_metrics
@@ -193,7 +193,10 @@ def check_masked_reply(content: RecordDict, *, expected_length: int, instance: i
         raise ReplyRejected(
             "truncated", f"{array.shape[0]} elements sent, {expected_length} expected"
         )
-    vec = array.numpy()
+    try:
+        vec = array_values(array)  # a read-only view: the sum copies the first one it adds
+    except ValueError as err:
+        raise ReplyRejected("malformed", f"the masked vector: {err}") from None
     if vec.dtype != np.uint32 or vec.shape != (expected_length,):
         raise ReplyRejected("malformed", "the masked vector's data do not match its header")
     return vec
@@ -439,7 +442,7 @@ class SecureRounds:
         is its global model): the first step re-evaluates that model, which also gives the
         next training round its sample-count census, then training goes on.
         """
-        self._reference = {k: v.numpy() for k, v in arrays.items()}
+        self._reference = {k: array_values(v) for k, v in arrays.items()}  # views
         k0 = 2 * start_round
         first = [k0, k0 + 1]
         for k in first:
@@ -463,7 +466,7 @@ class SecureRounds:
         for k in range(k0, self.last_k + 1):
             inst = self.instances[k]
             if inst.kind == "train":
-                self._reference = {name: v.numpy() for name, v in arrays.items()}
+                self._reference = {name: array_values(v) for name, v in arrays.items()}
             self._work(inst, arrays)
             self._unmask_and_advance(inst)
             arrays = self._finish(inst, arrays)

@@ -447,7 +447,7 @@ def test_the_model_travels_packed_once_per_round_and_packed_replies_are_checked(
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_all_finite_finds_any_nan_or_infinity_and_passes_huge_finite_values(dtype) -> None:
-    from fedrad.server.server_app import all_finite
+    from fedrad.common.arrays import all_finite
 
     rng = np.random.default_rng(5)
     values = rng.normal(size=(64, 129)).astype(dtype)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import all_finite
 from ..errors import FedradError
 from ..metrics import counts_from_metrics, counts_to_metrics
 from .protocol import SecAggParams
@@ -102,13 +103,13 @@ def update_to_vector(
         new = np.asarray(local[name])
         if new.shape != ref.shape:
             raise FedradError("wrong-shape", f"tensor {name} changed shape during training")
-        delta = new.astype(np.float64).reshape(-1) - ref.astype(np.float64).reshape(-1)
+        delta = out[offset : offset + ref.size]  # written in place, in float64
+        np.subtract(new.reshape(-1), ref.reshape(-1), out=delta, dtype=np.float64)
         if ref.dtype.kind in "iub":
             delta /= INT_SCALE
-        out[offset : offset + delta.size] = delta
-        offset += delta.size
+        offset += ref.size
     out[-1] = float(loss)
-    if not np.isfinite(out).all():
+    if not all_finite(out):
         raise FedradError(
             "non-finite",
             "the local update or training loss holds NaN or Inf (training diverged); "
