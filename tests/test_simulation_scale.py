@@ -58,6 +58,11 @@ def _write_site(path: Path, n: int, seed: int) -> Path:
 
 
 def _actor_pids(root: int) -> set[int]:
+    """Ray's ClientAppActor worker processes under ``root``.
+
+    A process an actor forks (for the moment before it runs another program) inherits the
+    actor's command line; it is not an actor, so only the topmost of each line counts.
+    """
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -65,15 +70,17 @@ def _actor_pids(root: int) -> set[int]:
         except OSError:
             continue
         children.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(entry))
-    found, todo = set(), [root]
+    found: set[int] = set()
+    todo = [(root, False)]
     while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, ()))
+        pid, under_actor = todo.pop()
         try:
-            if b"ClientAppActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.add(pid)
+            actor = b"ClientAppActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue  # the process ended while the tree was read
+        if actor and not under_actor:
+            found.add(pid)
+        todo.extend((child, under_actor or actor) for child in children.get(pid, ()))
     return found
 
 
