@@ -105,29 +105,33 @@ def state_dict_view(arrays: ArrayRecord) -> dict[str, Any]:
         return {k: torch.from_numpy(array_values(v)) for k, v in arrays.items()}
 
 
-def array_of(value: Any) -> Array:
-    """The Array of a numpy array or CPU tensor: ``numpy.save``'s bytes, written once."""
+def _as_numpy(value: Any) -> np.ndarray:
+    """A numpy array or CPU tensor as a numpy array (no copy); refuses Python objects."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
     value = np.asarray(value)
-    if not value.flags.c_contiguous:
-        value = value.copy(order="C")
     if value.dtype.hasobject:
         raise ValueError("an array of Python objects cannot be sent")
+    return value
+
+
+def _npy_header(value: np.ndarray) -> bytes:
+    """The ``.npy`` header ``numpy.save`` writes for the C-ordered values of ``value``."""
     head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(value))
-    data = b"".join((head.getbuffer(), value.reshape(-1).view(np.uint8).data))
+    np.lib.format.write_array_header_1_0(head, {
+        "descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
+        "shape": value.shape})
+    return head.getvalue()
+
+
+def array_of(value: Any) -> Array:
+    """The Array of a numpy array or CPU tensor: ``numpy.save``'s bytes, written once."""
+    value = _as_numpy(value)
+    if not value.flags.c_contiguous:
+        value = value.copy(order="C")
+    data = b"".join((_npy_header(value), value.reshape(-1).view(np.uint8).data))
     return Array(dtype=str(value.dtype), shape=tuple(int(n) for n in value.shape),
                  stype=_NUMPY, data=data)
-
-
-def _as_numpy(name: str, value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    value = np.asarray(value)
-    if value.dtype.hasobject:
-        raise ValueError(f"tensor {name}: an array of Python objects cannot be sent")
-    return value
 
 
 def record_of(state: Mapping[str, Any]) -> ArrayRecord:
@@ -137,14 +141,13 @@ def record_of(state: Mapping[str, Any]) -> ArrayRecord:
     after another; each Array is a read-only view of its part (see :func:`array_view`), so
     :func:`pack_record` packs the record without a second copy.
     """
-    values = {k: _as_numpy(str(k), v) for k, v in state.items()}
-    headers = {}
-    for k, value in values.items():
-        head = io.BytesIO()  # the header of the C-ordered copy written below
-        np.lib.format.write_array_header_1_0(head, {
-            "descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
-            "shape": value.shape})
-        headers[k] = head.getvalue()
+    values, headers = {}, {}
+    for k, v in state.items():
+        try:
+            values[k] = _as_numpy(v)
+        except ValueError as err:
+            raise ValueError(f"tensor {k}: {err}") from None
+        headers[k] = _npy_header(values[k])  # of the C-ordered copy written below
     buffer = np.empty(sum(len(headers[k]) + v.nbytes for k, v in values.items()), np.uint8)
     view = memoryview(buffer)
     record = ArrayRecord()  # ArrayRecord(dict) would rebuild each Array from bytes

@@ -371,11 +371,15 @@ class FedradFedAvg(FedAvg):
             if reference is not None:
                 return check_train_reply(msg.content, reference)
         except ReplyRejected as e:
-            text = f"{kind}: node {msg.metadata.src_node_id} excluded: [{e.code}] {e.message}"
-            self.note_failure(server_round, text)
-            log.warning("round %d %s", server_round, text)
+            self._exclude(kind, server_round, msg, e)
             return None
         return {}
+
+    def _exclude(self, kind: str, server_round: int, msg: Message, e: ReplyRejected) -> None:
+        """Record (and log) that ``msg`` is left out of the round, with the reason code."""
+        text = f"{kind}: node {msg.metadata.src_node_id} excluded: [{e.code}] {e.message}"
+        self.note_failure(server_round, text)
+        log.warning("round %d %s", server_round, text)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -411,12 +415,11 @@ class FedradFedAvg(FedAvg):
             if not model:  # not checked against a sent model: decode it here
                 try:
                     model = {k: array_values(v) for k, v in _reply_arrays(content).items()}
-                except (ReplyRejected, ValueError) as e:
-                    code = e.code if isinstance(e, ReplyRejected) else "malformed"
-                    text = (f"train: node {msg.metadata.src_node_id} excluded: [{code}] "
-                            f"{getattr(e, 'message', e)}")
-                    self.note_failure(server_round, text)
-                    log.warning("round %d %s", server_round, text)
+                except ReplyRejected as e:
+                    self._exclude("train", server_round, msg, e)
+                    continue
+                except ValueError as e:
+                    self._exclude("train", server_round, msg, ReplyRejected("malformed", str(e)))
                     continue
             metrics = next(iter(_training_metrics(content).values()))
             if self.evaluates_with_training:
