@@ -34,7 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 __all__ = ["LAYOUT", "PACKED", "PACKED_STYPE", "all_finite", "array_of", "array_values",
            "array_view", "model_arrays", "pack_record", "packed_content", "record_of",
-           "state_dict_view", "unpack_record"]
+           "record_to_fill", "state_dict_view", "unpack_record"]
 
 _NUMPY = "numpy.ndarray"  # flwr's SType.NUMPY
 #: the one Array of a packed record (:func:`pack_record`)
@@ -115,12 +115,12 @@ def _as_numpy(value: Any) -> np.ndarray:
     return value
 
 
-def _npy_header(value: np.ndarray) -> bytes:
-    """The ``.npy`` header ``numpy.save`` writes for the C-ordered values of ``value``."""
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The ``.npy`` header ``numpy.save`` writes for C-ordered values of ``shape``, ``dtype``."""
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {
-        "descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
-        "shape": value.shape})
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": tuple(shape)})
     return head.getvalue()
 
 
@@ -129,7 +129,8 @@ def array_of(value: Any) -> Array:
     value = _as_numpy(value)
     if not value.flags.c_contiguous:
         value = value.copy(order="C")
-    data = b"".join((_npy_header(value), value.reshape(-1).view(np.uint8).data))
+    header = _npy_header(value.shape, value.dtype)
+    data = b"".join((header, value.reshape(-1).view(np.uint8).data))
     return Array(dtype=str(value.dtype), shape=tuple(int(n) for n in value.shape),
                  stype=_NUMPY, data=data)
 
@@ -141,26 +142,51 @@ def record_of(state: Mapping[str, Any]) -> ArrayRecord:
     after another; each Array is a read-only view of its part (see :func:`array_view`), so
     :func:`pack_record` packs the record without a second copy.
     """
-    values, headers = {}, {}
+    values = {}
     for k, v in state.items():
         try:
             values[k] = _as_numpy(v)
         except ValueError as err:
             raise ValueError(f"tensor {k}: {err}") from None
-        headers[k] = _npy_header(values[k])  # of the C-ordered copy written below
-    buffer = np.empty(sum(len(headers[k]) + v.nbytes for k, v in values.items()), np.uint8)
+    record, slots = record_to_fill(values)
+    for k, value in values.items():
+        if value.size:
+            np.copyto(slots[k], value)
+    return record
+
+
+def record_to_fill(like: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+    """An ArrayRecord laid out as :func:`record_of` lays out ``like``, and its values to write.
+
+    ``like`` gives each tensor's name, shape and dtype (its values are not read).  Returns
+    the record, whose Arrays are read-only views of one new buffer, and for every tensor a
+    writable numpy view of its values in that buffer: the caller writes the values there
+    (for example a mean cast straight into the model's dtypes), so that making the record
+    costs no copy of its own.  The Arrays hold whatever the buffer holds when they are
+    read: fill every view before the record is used.
+    """
+    specs = {k: (tuple(int(n) for n in np.shape(v)), np.dtype(v.dtype))
+             for k, v in like.items()}
+    headers = {}
+    for k, (shape, dtype) in specs.items():
+        if dtype.hasobject:
+            raise ValueError(f"tensor {k}: an array of Python objects cannot be sent")
+        headers[k] = _npy_header(shape, dtype)
+    sizes = {k: int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+             for k, (shape, dtype) in specs.items()}
+    buffer = np.empty(sum(len(headers[k]) + sizes[k] for k in specs), np.uint8)
     view = memoryview(buffer)
     record = ArrayRecord()  # ArrayRecord(dict) would rebuild each Array from bytes
+    slots: dict[str, np.ndarray] = {}
     offset = 0
-    for k, value in values.items():
+    for k, (shape, dtype) in specs.items():
         start = offset + len(headers[k])
-        end = start + value.nbytes
+        end = start + sizes[k]
         buffer[offset:start] = np.frombuffer(headers[k], np.uint8)
-        if value.nbytes:
-            np.copyto(buffer[start:end].view(value.dtype).reshape(value.shape), value)
-        record[k] = array_view(str(value.dtype), value.shape, view[offset:end])
+        slots[k] = buffer[start:end].view(dtype).reshape(shape)
+        record[k] = array_view(str(dtype), shape, view[offset:end])
         offset = end
-    return record
+    return record, slots
 
 
 def _tiling(record: ArrayRecord) -> memoryview | None:

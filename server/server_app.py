@@ -50,6 +50,7 @@ from fedrad.common.arrays import (
     model_arrays,
     packed_content,
     record_of,
+    record_to_fill,
     state_dict_view,
 )
 from fedrad.common.cache import load_cache
@@ -458,12 +459,12 @@ class FedradFedAvg(FedAvg):
         # the sent model (replies are checked against it); else the replies' own form
         current = {k: array_values(v) for k, v in sent.items()} if sent is not None else first
         assert current is not None
-        if running is not None:
-            new = self.aggregator.finish(current, running)
+        if running is not None:  # the mean goes straight into the next model's record
+            arrays_out, slots = record_to_fill(current)
+            self.aggregator.finish(current, running, into=slots)
         else:
-            new = self.aggregator.aggregate(current, kept)
+            arrays_out = record_of(self.aggregator.aggregate(current, kept))
             kept.clear()
-        arrays_out = record_of(new)
         total = sum(weights)
         metrics_out = MetricRecord({
             "num-examples": int(total),

@@ -135,13 +135,35 @@ class RunningMean:
             np.multiply(flat[start:end], n, out=part, dtype=np.float64)
             np.add(flat_acc[start:end], part, out=flat_acc[start:end])
 
-    def mean(self) -> dict[str, np.ndarray]:
-        """The weighted mean of the models added (the running sum is used up)."""
+    def mean_into(self, out: Mapping[str, np.ndarray], like: Weights) -> dict[str, np.ndarray]:
+        """Write the weighted mean into ``out`` in ``like``'s dtypes; return the used-up sum.
+
+        The same values as ``_cast_like(mean()[k], like[k])``: each float64 sum divided in
+        float64, then rounded to the tensor's dtype (integer tensors to the nearest whole
+        number) as it is written.  The float64 arrays returned hold nothing of use (they
+        can be given to the next :class:`RunningMean` as ``reuse``).
+        """
+        acc = self._take_sum()
+        for k, value in acc.items():
+            target = out[k]
+            if np.asarray(like[k]).dtype.kind in "iub":
+                np.divide(value, self.total, out=value)
+                np.copyto(target, np.rint(value), casting="unsafe")
+            else:
+                np.divide(value, self.total, out=target, casting="same_kind")
+        return acc
+
+    def _take_sum(self) -> dict[str, np.ndarray]:
         if self._acc is None:
             raise ValueError("no site models to aggregate")
         if not self.total > 0:
             raise ValueError("the sites' sample counts sum to zero")
         acc, self._acc = self._acc, None
+        return acc
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The weighted mean of the models added (the running sum is used up)."""
+        acc = self._take_sum()
         for value in acc.values():
             np.divide(value, self.total, out=value)
         return acc
@@ -197,16 +219,29 @@ class Aggregator:
         spare, self._spare = self._spare, None
         return RunningMean(reuse=spare)
 
-    def finish(self, current: Weights, running: RunningMean) -> dict[str, np.ndarray]:
+    def finish(self, current: Weights, running: RunningMean,
+               into: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The next global model from ``current`` and the sites' :class:`RunningMean`.
 
         The mean's float64 arrays are kept for the next round's running sum (the next
-        model is a copy in the model's own dtypes).
+        model is a copy in the model's own dtypes).  ``into``: writable arrays of
+        ``current``'s shapes and dtypes (e.g. :func:`~fedrad.common.arrays.record_to_fill`'s)
+        that receive the next model and are returned; for the plain mean strategies the
+        sum is divided and cast straight into them, one pass with no float64 mean and
+        no copy.  The values are the same either way.
         """
+        if into is not None and self.name not in SERVER_OPTIMIZERS:
+            acc = running.mean_into(into, current)
+            self._spare = acc
+            return dict(into)
         mean = running.mean()
         new = self.server_step(current, mean)
         self._spare = mean
-        return new
+        if into is None:
+            return new
+        for k, value in new.items():
+            np.copyto(into[k], value)
+        return dict(into)
 
     def _robust(self, current: Weights, sites: Sequence[tuple[Weights, float]]
                 ) -> dict[str, np.ndarray]:

@@ -196,3 +196,26 @@ def test_a_packed_tensor_whose_bytes_disagree_with_the_layout_is_refused_when_re
     back = unpack_record(packed, ConfigRecord(fields))
     with pytest.raises(ValueError, match=r"says float32 \(3, 2\), its payload float32 \(6,\)"):
         array_values(back["a"])
+
+
+def test_a_record_to_fill_is_laid_out_as_record_of_lays_out_the_same_tensors() -> None:
+    """record_to_fill gives the record and writable views of its values; once they are
+    written, its bytes are record_of's, and packing it copies nothing."""
+    from fedrad.common.arrays import PACKED, pack_record, record_to_fill
+
+    state = {f"t{i}": v for i, v in enumerate(VALUES)}
+    record, slots = record_to_fill(state)
+    assert list(slots) == list(state) and list(record.keys()) == list(state)
+    for k, value in state.items():
+        assert slots[k].shape == value.shape and slots[k].dtype == value.dtype
+        assert slots[k].flags.writeable
+        np.copyto(slots[k], value)
+    reference = record_of(state)
+    for k in state:
+        assert bytes(record[k].data) == bytes(reference[k].data)
+        assert record[k].data.readonly
+        np.testing.assert_array_equal(array_values(record[k]), state[k])
+    packed, _ = pack_record(record)
+    assert np.shares_memory(np.frombuffer(packed[PACKED].data, np.uint8), slots["t0"])
+    with pytest.raises(ValueError, match="tensor bad: an array of Python objects"):
+        record_to_fill({"bad": np.array([None, 1], dtype=object)})

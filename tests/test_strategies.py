@@ -142,6 +142,38 @@ def test_a_rounds_model_is_not_changed_by_the_next_rounds_sum(name: str) -> None
         assert not np.shares_memory(second[k], first[k])
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam"])
+def test_the_next_model_written_into_a_record_is_the_same_model(name: str) -> None:
+    """finish(into=...) divides and casts the sum straight into the record's buffer; the
+    model must be the very one the copying path gives, bit for bit, round after round."""
+    from fedrad.common.arrays import array_values, record_to_fill
+
+    direct, copying = _aggregator(name), _aggregator(name)
+    current = {**CURRENT, "flag": np.array([True, False]), "half": np.ones(3, np.float16)}
+    model_a = model_b = current
+    for rnd in (1, 2, 3):  # later rounds reuse the kept float64 sums
+        sites = []
+        for i, m in enumerate(_site_models(rnd)):
+            sites.append(({**m, "flag": np.array([i % 2 == 0, i > 2]),
+                           "half": np.full(3, 1 + i / 3, np.float16)}, float(COUNTS[i])))
+        running_a, running_b = direct.running_mean(), copying.running_mean()
+        for weights, n in sites:
+            running_a.add(weights, n)
+            running_b.add(weights, n)
+        record, slots = record_to_fill(model_a)
+        returned = direct.finish(model_a, running_a, into=slots)
+        expected = copying.finish(model_b, running_b)
+        assert list(record.keys()) == list(current)
+        for k in current:
+            got = array_values(record[k])
+            assert got.dtype == current[k].dtype and got.shape == current[k].shape
+            np.testing.assert_array_equal(got, expected[k])
+            assert np.shares_memory(returned[k], got)  # written in place, not copied
+        model_a = {k: array_values(record[k]) for k in record.keys()}
+        model_b = expected
+    assert direct.steps == copying.steps
+
+
 def test_median_and_trimmed_mean_match_flower_and_ignore_an_outlier() -> None:
     models = _site_models()
     models[4]["w"] = models[4]["w"] + 1000.0  # a broken or malicious site
