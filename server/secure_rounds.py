@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,14 @@ class ReplyRejected(FedradError):
     """A site's reply failed validation; ``code`` says why."""
 
 
+#: Set whenever replies may have arrived.  Flower's simulation engine stores each site's
+#: reply in the ServerApp's own process, and fedrad's engine sets this as it does
+#: (:func:`fedrad.simulations.engine.wake_on_reply`), so a waiting :class:`ReplyStream`
+#: pulls at once instead of at its next poll.  Nothing sets it in a deployment, where
+#: replies reach a SuperLink in another process: there the stream polls as before.
+REPLIES_STORED = threading.Event()
+
+
 class ReplyStream:
     """Push messages now; iterate over their replies as they arrive, each one once.
 
@@ -100,7 +109,7 @@ class ReplyStream:
     ones still pending, yielding ``(node, reply)`` as soon as a reply is pulled: the caller
     folds it into a running sum and drops it, so the server's memory does not grow with
     the number of sites.  Polling starts every :attr:`poll_start` seconds and backs off to
-    :attr:`poll_max` while nothing arrives.
+    :attr:`poll_max` while nothing arrives; :data:`REPLIES_STORED` cuts a wait short.
 
     Semantics are those of ``send_and_receive(messages, timeout=timeout)``: replies not
     pulled within ``timeout`` seconds after the push are never yielded (the caller counts those
@@ -154,6 +163,7 @@ class ReplyStream:
             return
         interval = self.poll_start
         while self._pending:
+            REPLIES_STORED.clear()  # a reply stored from here on ends the wait below
             pulled = list(self._grid.pull_messages(list(self._pending)))
             got = bool(pulled)
             while pulled:  # hand over one at a time, so that each can be freed at once
@@ -166,7 +176,7 @@ class ReplyStream:
             if not self._pending or now >= self._deadline:
                 break
             interval = self.poll_start if got else min(2 * interval, self.poll_max)
-            time.sleep(min(interval, self._deadline - now))
+            REPLIES_STORED.wait(min(interval, self._deadline - now))
 
 
 def check_masked_reply(content: RecordDict, *, expected_length: int, instance: int) -> np.ndarray:

@@ -12,7 +12,8 @@ which each message (the whole model) passes on its way to and from an actor, is 
 at :data:`OBJECT_STORE_BYTES` instead of Ray's default of 30 % of the machine's memory,
 and the models' values pass through it out of band (:mod:`fedrad.common.ray_transport`).
 Messages the ServerApp pushes reach the actors at once (:func:`deliver_on_push`), not at
-Flower's next 0.1 s look at its message store.
+Flower's next 0.1 s look at its message store, and the sites' replies reach the ServerApp
+at once (:func:`wake_on_reply`), not at its next poll of the store (up to 0.1 s later).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
+from queue import Empty
 from typing import Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 __all__ = ["OBJECT_STORE_BYTES", "available_cpus", "deliver_on_push", "run_in_simulation",
-           "simulation_backend_config", "simulation_actors"]
+           "simulation_backend_config", "simulation_actors", "wake_on_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,40 @@ def waking(push: Callable[..., Any]) -> Callable[..., Any]:
     return push_messages
 
 
+def _store_replies(state, queue, f_stop: threading.Event) -> None:  # noqa: ANN001
+    """Flower's ``put_message_into_state``, telling the ServerApp of each reply it stores.
+
+    Flower's version stores the sites' replies in the in-process message store, where the
+    ServerApp finds them at its next poll: the last reply of every round step waited up to
+    0.1 s (the poll interval backs off while nothing arrives).  This one also sets
+    :data:`~fedrad.server.secure_rounds.REPLIES_STORED`, which ends the ServerApp's wait.
+    """
+    from fedrad.server.secure_rounds import REPLIES_STORED
+
+    while not f_stop.is_set():
+        try:
+            reply = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        state.store_message_res(reply)
+        REPLIES_STORED.set()
+
+
+def wake_on_reply() -> bool:
+    """Have Flower's simulation wake the ServerApp as each reply is stored (idempotent).
+
+    Returns False, changing nothing, if this Flower lacks the function it replaces.
+    """
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+    except ImportError:
+        return False
+    if not hasattr(vce_api, "put_message_into_state"):
+        return False
+    vce_api.put_message_into_state = _store_replies
+    return True
+
+
 def run_in_simulation(server_app: ServerApp, client_app: ClientApp, num_sites: int,
                       *, cpus_per_site: int = 1) -> None:
     """Run the apps with ``num_sites`` simulated SuperNodes (Ray backend), in-process.
@@ -150,6 +186,7 @@ def run_in_simulation(server_app: ServerApp, client_app: ClientApp, num_sites: i
     # (the sites' actors send their replies out of band too)
     use_out_of_band_arrays(share_sends=True)
     deliver_on_push()
+    wake_on_reply()
     config = simulation_backend_config(num_sites, cpus_per_site=cpus_per_site)
     log.info("simulation: %d sites on %d Ray actors", num_sites,
              int(config["init_args"]["num_cpus"]) // cpus_per_site)

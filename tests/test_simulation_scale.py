@@ -184,3 +184,72 @@ def test_pushed_messages_reach_the_sites_at_once_not_at_the_next_poll() -> None:
     finally:
         stop.set()
         loop.join(timeout=2)
+
+
+def test_a_stored_reply_ends_the_servers_wait_for_replies_at_once() -> None:
+    """A simulated site's reply is stored in the ServerApp's own process: the reply
+    stream pulls as soon as one is stored, not at its next poll (here: never, within the
+    timeout, so a stream that slept through the store would miss the reply)."""
+    import queue
+    import time
+    from types import SimpleNamespace
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedrad.server.secure_rounds import ReplyStream
+    from fedrad.simulations.engine import _store_replies, wake_on_reply
+
+    assert wake_on_reply() and wake_on_reply()  # idempotent
+    assert vce_api.put_message_into_state is _store_replies
+
+    class State:  # the LinkState call the injector makes, and what the grid pulls
+        def __init__(self) -> None:
+            self.replies: list[SimpleNamespace] = []
+            self.lock = threading.Lock()
+
+        def store_message_res(self, reply: SimpleNamespace) -> None:
+            with self.lock:
+                self.replies.append(reply)
+
+    class Grid:
+        def __init__(self, state: State) -> None:
+            self.state, self.pulls, self.first_pull = state, 0, threading.Event()
+
+        def push_messages(self, messages):  # noqa: ANN001, ANN202
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):  # noqa: ANN001, ANN202
+            self.pulls += 1
+            self.first_pull.set()
+            with self.state.lock:
+                got = [r for r in self.state.replies if r.metadata.reply_to_message_id in ids]
+                self.state.replies = [r for r in self.state.replies if r not in got]
+            return got
+
+    class SlowPoll(ReplyStream):
+        poll_start = poll_max = 600.0  # the next poll would come after the timeout
+
+    state, replies, stop = State(), queue.Queue(), threading.Event()
+    grid = Grid(state)
+    injector = threading.Thread(target=vce_api.put_message_into_state,
+                                args=(state, replies, stop), daemon=True)
+    injector.start()
+    try:
+        sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (1, 2)]
+        stream = SlowPoll(grid, sent, timeout=8.0)
+
+        def answer() -> None:
+            assert grid.first_pull.wait(5)  # the stream has pulled once and is waiting
+            for n in (2, 1):
+                replies.put(SimpleNamespace(metadata=SimpleNamespace(
+                    reply_to_message_id=f"m{n}")))
+
+        threading.Thread(target=answer, daemon=True).start()
+        started = time.monotonic()
+        got = [node for node, _ in stream]
+        waited = time.monotonic() - started
+        assert sorted(got) == [1, 2] and stream.missing() == []
+        assert waited < 4.0, f"the replies were pulled {waited:.1f} s after the push"
+    finally:
+        stop.set()
+        injector.join(timeout=3)
