@@ -219,3 +219,34 @@ def test_a_record_to_fill_is_laid_out_as_record_of_lays_out_the_same_tensors() -
     assert np.shares_memory(np.frombuffer(packed[PACKED].data, np.uint8), slots["t0"])
     with pytest.raises(ValueError, match="tensor bad: an array of Python objects"):
         record_to_fill({"bad": np.array([None, 1], dtype=object)})
+
+
+def test_headers_numpy_writes_otherwise_are_parsed_and_still_checked() -> None:
+    """A header other than the one numpy writes for the Array's dtype and shape (a .npy
+    version 2.0 file, a Fortran-ordered one, one for other values) is parsed in full."""
+    import io
+
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def npy(arr: np.ndarray, version: tuple[int, int] | None) -> bytes:
+        out = io.BytesIO()
+        np.lib.format.write_array(out, arr, version=version)
+        return out.getvalue()
+
+    v2 = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=npy(value, (2, 0)))
+    np.testing.assert_array_equal(array_values(v2), value)
+    fortran = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray",
+                    data=npy(np.asfortranarray(value), (1, 0)))
+    with pytest.raises(ValueError, match="Fortran-ordered"):
+        array_values(fortran)
+    other = Array(dtype="float32", shape=(3, 2), stype="numpy.ndarray", data=npy(value, (1, 0)))
+    with pytest.raises(ValueError, match=r"says float32 \(3, 2\), its payload float32 \(2, 3\)"):
+        array_values(other)
+    padded = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray",
+                   data=npy(value, (1, 0)) + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="28 bytes of values, 24 expected"):
+        array_values(padded)
+    objects = Array(dtype="object", shape=(2,), stype="numpy.ndarray",
+                    data=npy(np.array([1, None], dtype=object), (1, 0)))
+    with pytest.raises(ValueError, match="holds objects"):
+        array_values(objects)
