@@ -157,9 +157,10 @@ def _check_cache(cache: SiteCache, settings: Settings, site: SiteContext) -> Non
         )
 
 
-#: Per thread, the last model built: every message of a run needs the same architecture,
-#: and building a ResNet-18 (torchvision initialises every layer) takes longer than
-#: loading the received weights into one (about 60 ms against 10 ms on one core).
+#: Per thread, the last model built: every message of a run needs the same architecture.
+#: It is built as a shell (no random initialisation: every weight is loaded into it), which
+#: for a ResNet-18 on one core takes 16 ms instead of 85 ms; a forked ClientApp process
+#: (a deployed site's task) builds it once, a simulation's actor once for all its sites.
 _MODEL_CACHE = threading.local()
 
 
@@ -169,7 +170,8 @@ def _model_for(settings: Settings):
     cached = getattr(_MODEL_CACHE, "entry", None)
     if cached is None or cached[0] != key:
         _MODEL_CACHE.entry = None  # drop the old one before building the next
-        _MODEL_CACHE.entry = (key, model_from_settings(settings))
+        # a shell: _build_model loads every parameter and buffer into it (strict)
+        _MODEL_CACHE.entry = (key, model_from_settings(settings, initialise=False))
     return _MODEL_CACHE.entry[1]
 
 
@@ -197,7 +199,7 @@ def _build_model(settings: Settings, arrays: ArrayRecord,
 def _norm_keys(model: str, num_classes: int, image_size: int, stem: str) -> tuple[str, ...]:
     settings = load_settings({"model": model, "num-classes": num_classes,
                               "image-size": image_size, "stem": stem})
-    return tuple(norm_state_keys(model_from_settings(settings)))
+    return tuple(norm_state_keys(model_from_settings(settings, initialise=False)))
 
 
 def _stored_norms(context: Context, settings: Settings) -> dict[str, np.ndarray] | None:

@@ -159,7 +159,7 @@ def load_checkpoint_model(
             f"The file is not a fedrad checkpoint (it needs 'state_dict' and 'run_config'; "
             f"found {keys})", path)
     settings = load_settings(raw["run_config"])
-    model = model_from_settings(settings)
+    model = model_from_settings(settings, initialise=False)  # every weight is loaded next
     try:
         model.load_state_dict(raw["state_dict"], strict=True)
     except RuntimeError as e:

@@ -597,8 +597,8 @@ class _CentralEvaluator:
         state = state_dict_view(arrays)  # read-only views of the round's Arrays, not a copy
         result = None
         if self.cache is not None:
-            model = model_from_settings(s)
-            model.load_state_dict(state)
+            model = model_from_settings(s, initialise=False)
+            model.load_state_dict(state, strict=True)
             scores = predict_scores(model, np.asarray(self.cache.images), device=self.device,
                                     amp=s.amp, channels_last=s.channels_last)
             counts = count_outcomes(scores, np.asarray(self.cache.labels), bins=s.score_bins)

@@ -178,7 +178,8 @@ def _check_models(models: Mapping[str, torch.nn.Module], settings: Settings) -> 
     if not models:
         raise ConfigError("report: no models given; pass the final model of each strategy "
                           "and baseline (name -> torch module)")
-    reference = {k: tuple(v.shape) for k, v in model_from_settings(settings).state_dict().items()}
+    shell = model_from_settings(settings, initialise=False)  # only its shapes are read
+    reference = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
     for name, model in models.items():
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"report: model {name!r} is a {type(model).__name__}, not a "

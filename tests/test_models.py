@@ -223,3 +223,44 @@ def test_weights_file_without_tensors(tmp_path):
     with pytest.raises(FedradError, match="no tensors") as info:
         get_model("resnet18", num_classes=2, weights_path=path)
     assert info.value.code == "bad-weights"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_shell_takes_a_whole_state_dict_and_then_is_that_model(name, tmp_path):
+    """initialise=False skips the random initialisation; once a complete state dict is
+    loaded (strict), the shell computes exactly what the model it came from computes."""
+    torch.manual_seed(3)
+    kwargs = {"num_classes": 3, "image_size": 32, "stem": "small"}
+    model = get_model(name, **kwargs).eval()
+    shell = get_model(name, initialise=False, **kwargs)
+    real, empty = model.state_dict(), shell.state_dict()
+    assert list(empty) == list(real)  # every tensor, persistent buffers included
+    assert {n for n, _ in shell.named_buffers()} <= set(empty)
+    for key, value in real.items():
+        assert empty[key].shape == value.shape and empty[key].dtype == value.dtype, key
+        assert empty[key].device.type == "cpu"
+    assert shell.training  # like a built model
+    shell.load_state_dict(real, strict=True)
+    shell.eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(shell(x), model(x))
+    with pytest.raises(ValueError, match="cannot also start from weights_path"):
+        get_model(name, initialise=False, weights_path=tmp_path / "w.pt", **kwargs)
+
+
+def test_a_shell_whose_buffers_a_state_dict_would_miss_is_built_for_real(monkeypatch):
+    """A buffer outside the state dict would keep the shell's garbage: such a model is
+    built with its initialisation."""
+    import fedrad.common.models as models
+
+    class WithScratch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.register_buffer("scale", torch.full((2,), 3.0), persistent=False)
+
+    spec = models._Spec(lambda *args: WithScratch(), "fc.weight", "fc.", "test model")
+    monkeypatch.setitem(models._REGISTRY, "with-scratch", spec)
+    shell = get_model("with-scratch", num_classes=2, initialise=False)
+    assert torch.equal(shell.scale, torch.full((2,), 3.0))
