@@ -523,3 +523,56 @@ def test_update_and_counts_vectors_round_trip() -> None:
     back = vector_to_counts(summed, num_classes=2, bins=10)
     assert back["num-examples"] == 60 and back["train-examples"] == 240
     assert back["confusion"] == [2 * v for v in metrics["confusion"]]
+
+
+@pytest.mark.parametrize("workers", [2, 3, 6])
+def test_masks_applied_by_several_threads_are_the_same_masks(workers, monkeypatch) -> None:
+    """Threads each take a range of chunks and enter the AES-CTR streams at its first
+    block: the sum, and what fill and post see, must not depend on how many there are."""
+    import threading
+
+    import fedrad.common.secagg.masks as masks
+    from fedrad.common.secagg.encoding import CHUNK_ELEMENTS
+    from fedrad.common.secagg.masks import apply_masks
+
+    monkeypatch.setattr(masks, "_MIN_CHUNKS_PER_WORKER", 1)  # threads for a small vector
+    n = 5 * CHUNK_ELEMENTS + 7  # the last chunk is partial
+    rng = np.random.default_rng(4)
+    seeds = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(5)]
+    content = rng.integers(0, 2**32, n, dtype=np.uint32)
+
+    def run(w: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]], set[str]]:
+        acc = np.empty(n, np.uint32)
+        seen, threads, decoded = [], set(), np.empty(n, np.uint32)
+
+        def fill(start: int, stop: int, chunk: np.ndarray) -> None:
+            chunk[:] = content[start:stop]
+
+        def post(start: int, stop: int, chunk: np.ndarray) -> None:
+            seen.append((start, stop))
+            threads.add(threading.current_thread().name)
+            decoded[start:stop] = chunk
+
+        apply_masks(acc, add=seeds[:3], subtract=seeds[3:], fill=fill, post=post, workers=w)
+        return acc, decoded, sorted(seen), threads
+
+    one, one_post, one_seen, _ = run(1)
+    many, many_post, many_seen, names = run(workers)
+    np.testing.assert_array_equal(many, one)
+    np.testing.assert_array_equal(many_post, one)  # post saw each chunk masked, once
+    assert many_seen == one_seen and len(one_seen) == 6  # every chunk, once
+    assert names and all(t.startswith("secagg-masks") for t in names)  # in the pool
+    expected = content.copy()
+    for s in seeds[:3]:
+        expected += expand_mask(s, n)
+    for s in seeds[3:]:
+        expected -= expand_mask(s, n)
+    np.testing.assert_array_equal(one, expected)
+
+    def broken(start: int, stop: int, chunk: np.ndarray) -> None:
+        if start >= 3 * CHUNK_ELEMENTS:
+            raise FedradError("bad-input", "this chunk cannot be decoded")
+
+    with pytest.raises(FedradError, match="cannot be decoded"):
+        apply_masks(np.zeros(n, np.uint32), add=seeds, subtract=[], post=broken,
+                    workers=workers)

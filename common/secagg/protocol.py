@@ -61,6 +61,7 @@ from .masks import (
     derive_key,
     load_public_key,
     mask_word,
+    mask_workers,
     pairwise_seed,
     self_mask_seed,
 )
@@ -750,7 +751,8 @@ class SecAggServer:
                 casting="unsafe",
             )
 
-        apply_masks(acc, add=add, subtract=sub, post=post)
+        # each thread removes the masks from, and decodes, its own range of the sum
+        apply_masks(acc, add=add, subtract=sub, post=post, workers=mask_workers())
         logger.info(
             "secure aggregation: unmasked the sum of %s clients (%s dropped after sharing)",
             n,
