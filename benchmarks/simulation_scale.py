@@ -21,7 +21,11 @@ Columns
     (``evaluate_on_site``, the very functions the ClientApp calls) of all N sites, run
     by a pool of as many worker processes as the simulation has Ray actors (one per core,
     one torch thread each: two at a time on 2 cores, as the simulation does), each site
-    one task.  Seconds per round, after one warm-up round.
+    one task.  Seconds per round, the mean of two rounds after a warm-up round, measured
+    just before the simulation (in a child of its own, so that the simulation's process
+    tree and memory are the simulation's alone) and again just after it in the
+    simulation's child; the two are averaged (the machine's speed drifts, and a drift
+    during the run then weighs on both sides alike; ``--json`` keeps both).
 ``overhead``
     ``s/round / local``: what Flower, the messages (a 45 MB model to and from every site),
     aggregation, secure aggregation's extra trips and the server's checkpoint add.
@@ -42,6 +46,9 @@ Columns
     CPU seconds of the whole tree per round (rounds 2..R), against the local baseline's
     CPU seconds per round (``local CPU``); ``CPU ovh`` is their ratio, the overhead in
     work done, which a machine shared with other jobs distorts far less than wall time.
+``drift``
+    The local baseline after the simulation over the one before it: how much the
+    machine's speed moved during the run (1.00: not at all).
 
 Usage (fedrad must be importable)::
 
@@ -284,15 +291,46 @@ def _setting(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _settings_for(args: argparse.Namespace, n: int, secure: bool, num_classes: int,
+                  class_names: list[str], out_dir: Path) -> Any:
+    from fedrad.common.config import load_settings
+    from fedrad.simulations.demo import MEDMNIST_DEFAULTS
+
+    return load_settings({
+        **MEDMNIST_DEFAULTS, "num-server-rounds": args.rounds, "min-sites": n,
+        "num-classes": num_classes, "class-names": ",".join(class_names),
+        "secure-aggregation": secure, "out-dir": str(out_dir), "central-eval-dir": "",
+        "local-epochs": args.local_epochs, "batch-size": args.batch_size,
+        **dict(_setting(kv) for kv in args.set),
+    })
+
+
+def run_baseline_only(args: argparse.Namespace) -> dict[str, Any]:
+    """The local baseline alone, in this (child) process: what a run measures before its
+    simulation starts (see ``local`` in the module docstring)."""
+    from fedrad.simulations.engine import simulation_backend_config
+
+    n = args.one_sites
+    sites, num_classes, class_names = prepare_caches(n, args.images_per_site,
+                                                     Path(args.cache_root), Path(args.data_path))
+    settings = _settings_for(args, n, args.one_mode == "secure", num_classes, class_names,
+                             Path(args.cache_root) / "runs" / f"{n}-baseline")
+    sampler = TreeSampler(pss_interval=args.pss_interval)
+    sampler.start()
+    backend = simulation_backend_config(n)  # as many workers as the simulation has actors
+    actors = int(os.cpu_count() or 1) // int(backend["client_resources"]["num_cpus"])
+    base = run_baseline(sites, settings, max(actors, 1), 3, sampler)
+    sampler.stop()
+    return base
+
+
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """One site count and mode, in this (child) process; returns the measurements."""
     import torch
     from flwr.serverapp import ServerApp
 
     from fedrad.client.client_app import make_client_app
-    from fedrad.common.config import load_settings
     from fedrad.server.server_app import run_federation
-    from fedrad.simulations.demo import MEDMNIST_DEFAULTS
     from fedrad.simulations.engine import run_in_simulation, simulation_backend_config
 
     n = args.one_sites
@@ -300,13 +338,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     sites, num_classes, class_names = prepare_caches(n, args.images_per_site,
                                                      Path(args.cache_root), Path(args.data_path))
     out_dir = Path(args.cache_root) / "runs" / f"{n}-{args.one_mode}"
-    settings = load_settings({
-        **MEDMNIST_DEFAULTS, "num-server-rounds": args.rounds, "min-sites": n,
-        "num-classes": num_classes, "class-names": ",".join(class_names),
-        "secure-aggregation": secure, "out-dir": str(out_dir), "central-eval-dir": "",
-        "local-epochs": args.local_epochs, "batch-size": args.batch_size,
-        **dict(_setting(kv) for kv in args.set),
-    })
+    settings = _settings_for(args, n, secure, num_classes, class_names, out_dir)
     sampler = TreeSampler(pss_interval=args.pss_interval)
     sampler.start()
 
@@ -366,9 +398,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     steady = rounds[1:] or rounds
     result["s_per_round"] = statistics.mean(steady) if steady else float("nan")
     if not args.no_baseline:
-        base = run_baseline(sites, settings, max(actors, 1), 2, sampler)
-        result["local_s"] = base["s_per_round"]
-        result["local_cpu_s"] = base["cpu_per_round"]
+        base = run_baseline(sites, settings, max(actors, 1), 3, sampler)
+        result["local_after_s"] = result["local_s"] = base["s_per_round"]
+        result["local_after_cpu_s"] = result["local_cpu_s"] = base["cpu_per_round"]
         result["local_peak_pss_mb"] = base["peak_pss_mb"]
         result["overhead"] = result["s_per_round"] / base["s_per_round"]
     sampler.stop()
@@ -386,12 +418,24 @@ def _row(r: dict[str, Any]) -> str:
             f"{r['peak_rss_mb']:>7.0f} {r.get('driver_pss_mb', float('nan')):>7.0f} "
             f"{r['procs']:>5} {r['cpu_per_round']:>8.1f} "
             f"{r.get('local_cpu_s', float('nan')):>9.1f} "
-            f"{r['cpu_per_round'] / r.get('local_cpu_s', float('nan')):>7.2f}")
+            f"{r['cpu_per_round'] / r.get('local_cpu_s', float('nan')):>7.2f} "
+            f"{r.get('local_after_s', float('nan')) / r.get('local_before_s', float('nan')):>6.2f}")
 
 
 HEADER = (f"{'sites':>5} {'mode':>6} {'rds':>3} {'start s':>8} {'round 1':>8} {'s/round':>8} "
           f"{'local':>7} {'overhead':>8} {'peak MB':>8} {'RSS MB':>7} {'driver':>7} {'procs':>5} "
-          f"{'CPU s/rd':>8} {'local CPU':>9} {'CPU ovh':>7}")
+          f"{'CPU s/rd':>8} {'local CPU':>9} {'CPU ovh':>7} {'drift':>6}")
+
+
+def _child(command: list[str], n: int, mode: str, what: str) -> dict[str, Any] | None:
+    """Run one child (``--one-...``) and return its RESULT, or print why it failed."""
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{n:>5} {mode:>6} {what} FAILED (exit {proc.returncode}):\n"
+              f"{proc.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
@@ -417,13 +461,15 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--one-sites", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-mode", help=argparse.SUPPRESS)
+    parser.add_argument("--one-baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one_sites:
         import logging
 
         logging.basicConfig(level=logging.WARNING)
-        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        one = run_baseline_only if args.one_baseline else run_one
+        print("RESULT " + json.dumps(one(args)), flush=True)
         return
 
     modes = [m for m, on in (("secure", args.secure), ("plain", args.plain)) if on] or ["secure"]
@@ -443,14 +489,24 @@ def main() -> None:
                      str(args.batch_size), "--cache-root", args.cache_root,
                      "--data-path", args.data_path, "--pss-interval", str(args.pss_interval)]
             child += [f"--set={kv}" for kv in args.set]
+            before = None
+            if not args.no_baseline:  # the local work just before the simulation too
+                before = _child(child + ["--one-baseline"], n, mode, "baseline")
+                if before is None:
+                    continue
             child += ["--no-baseline"] if args.no_baseline else []
-            proc = subprocess.run(child, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"{n:>5} {mode:>6} FAILED (exit {proc.returncode}):\n"
-                      f"{proc.stderr[-3000:]}", flush=True)
+            result = _child(child, n, mode, "simulation")
+            if result is None:
                 continue
-            result = json.loads(lines[-1][len("RESULT "):])
+            if before is not None:  # the mean of before and after: a drift weighs on both
+                result["local_before_s"] = before["s_per_round"]
+                result["local_before_cpu_s"] = before["cpu_per_round"]
+                result["local_s"] = (before["s_per_round"] + result["local_after_s"]) / 2
+                result["local_cpu_s"] = (before["cpu_per_round"]
+                                         + result["local_after_cpu_s"]) / 2
+                result["local_peak_pss_mb"] = max(before["peak_pss_mb"],
+                                                  result["local_peak_pss_mb"])
+                result["overhead"] = result["s_per_round"] / result["local_s"]
             results.append(result)
             print(_row(result), flush=True)
     if args.json:
