@@ -145,12 +145,11 @@ class RunningMean:
         """
         acc = self._take_sum()
         for k, value in acc.items():
-            target = out[k]
-            if np.asarray(like[k]).dtype.kind in "iub":
+            if _is_float(like[k]):
+                np.divide(value, self.total, out=out[k], casting="same_kind")
+            else:  # integer counters: rounded as _cast_like rounds them
                 np.divide(value, self.total, out=value)
-                np.copyto(target, np.rint(value), casting="unsafe")
-            else:
-                np.divide(value, self.total, out=target, casting="same_kind")
+                np.copyto(out[k], _cast_like(value, like[k]))
         return acc
 
     def _take_sum(self) -> dict[str, np.ndarray]:

@@ -16,7 +16,6 @@ the accumulator chunk stays in cache while every stream passes over it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,12 +92,11 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
 
 
 def mask_workers() -> int:
-    """Threads for :func:`apply_masks` on a server: the CPUs this process may use, up to 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    """Threads for :func:`apply_masks` on a server: the CPUs this process may use (its
+    affinity mask, capped by a container's CPU quota), up to 8."""
+    from fedrad.common.training import cpu_budget
+
+    return min(8, cpu_budget())
 
 
 def apply_masks(
