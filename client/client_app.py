@@ -247,6 +247,8 @@ def train_on_site(
         seed=settings.seed + server_round,
         proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
         augment=settings.augment,
+        logit_adjust=settings.logit_adjust,
+        steps=settings.local_steps or None,
     )
     state = {k: v.detach().to("cpu").to(dtypes[k]) for k, v in model.state_dict().items()}
     if kept_norms is not None:  # copies: the tensors are the (reused) model's own

@@ -50,6 +50,10 @@ class Settings:
         "CNN input stem: standard (stride-2 conv + max-pool), small (3x3 stride-1, for "
         "28-32 px inputs) or auto (small at <= 32 px)", choices=("auto", "standard", "small")))
     local_epochs: int = field(default=1, metadata=_meta("local epochs per round", minimum=1))
+    local_steps: int = field(default=0, metadata=_meta(
+        "when > 0, every site trains exactly this many batches per round in place of "
+        "local-epochs (the same steps at a large and a small site; simulations' pooled "
+        "baseline trains sites x local-steps batches per round)", minimum=0))
     batch_size: int = field(default=32, metadata=_meta("training batch size", minimum=1))
     learning_rate: float = field(default=0.01, metadata=_meta("optimiser learning rate",
                                                                minimum=0.0))
@@ -60,6 +64,10 @@ class Settings:
         "training-time augmentation: none, or affine (each training image under its own "
         "random rotation up to 10 degrees, zoom 0.85-1.15 and shift up to 8 %; no flips)",
         choices=("none", "affine")))
+    logit_adjust: float = field(default=0.0, metadata=_meta(
+        "label-skew correction: each site trains on logits plus this times the log of its "
+        "own class frequencies (logit adjustment; 1 is the usual strength, 0 plain "
+        "cross-entropy); the model is scored on its plain logits", minimum=0.0, maximum=4.0))
     lr_decay: float = field(default=1.0, metadata=_meta(
         "multiply the learning rate by this after every round", minimum=0.0, maximum=1.0))
     val_fraction: float = field(default=0.2, metadata=_meta(

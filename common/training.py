@@ -32,6 +32,7 @@ __all__ = [
     "select_device",
     "normalize_batch",
     "train_local",
+    "logit_adjustment",
     "predict_scores",
     "OPTIMIZERS",
     "PIXEL_MEAN",
@@ -106,7 +107,7 @@ class TrainResult:
         Training samples in the site's dataset (a count of samples, not samples x epochs):
         the weight of this site's update in federated averaging.
     epochs:
-        Epochs run.
+        Passes over the data begun (with ``steps``, the last may be partial).
     mean_loss:
         Sample-weighted mean cross-entropy over every batch of the call (without the
         proximal term).
@@ -308,6 +309,17 @@ def random_affine(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+def logit_adjustment(labels: torch.Tensor, num_classes: int, strength: float) -> torch.Tensor:
+    """``strength * log(prior)``: the per-class offset :func:`train_local` adds to the logits.
+
+    ``prior`` is the add-one smoothed class frequency of ``labels``
+    (``(count + 1) / (n + num_classes)``), float32 ``[num_classes]``.
+    """
+    counts = torch.bincount(labels.to("cpu", torch.int64), minlength=num_classes).double()
+    prior = (counts + 1) / (counts.sum() + num_classes)
+    return (strength * prior.log()).float()
+
+
 def _make_optimizer(
     model: nn.Module, optimizer: str, learning_rate: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -356,6 +368,8 @@ def train_local(
     seed: int = 0,
     proximal_mu: float = 0.0,
     augment: str = "none",
+    logit_adjust: float = 0.0,
+    steps: int | None = None,
     max_batches: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on a site's cached images with cross-entropy.
@@ -388,6 +402,20 @@ def train_local(
     augment:
         ``"none"``, or ``"affine"``: every training batch passes through
         :func:`random_affine` (draws seeded by ``seed``, separate from the batch order).
+    logit_adjust:
+        When > 0, the loss is taken on ``logits + logit_adjust * log(prior)``, ``prior``
+        being the class frequencies of ``labels`` (add-one smoothed, so a class the site
+        lacks gets a small share, not minus infinity).  The model then learns what tells
+        the classes apart rather than this site's class mix (Menon et al., 2021, "Long-tail
+        learning via logit adjustment"; FedLC, Zhang et al., 2022, for label skew across
+        sites); predictions use the plain logits.  The frequencies never leave the site.
+    steps:
+        When given, exactly this many batches in place of ``epochs`` epochs: passes over
+        the data, each in a fresh order, until ``steps`` batches are done (the last pass
+        may stop part-way).  Federated averaging wants every site to take the same number
+        of steps: with epochs, a site holding half the images takes half the steps and
+        its update, weighted by its images as well, pulls the average towards its own
+        class mix twice over.
     max_batches:
         At most this many batches per epoch (smoke tests, benchmarks); None for all.
 
@@ -408,6 +436,9 @@ def train_local(
     for key, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ConfigError(f"steps must be an integer >= 1 or None, got {steps!r}")
     if max_batches is not None and max_batches < 1:
         raise ConfigError(f"max_batches must be >= 1 or None, got {max_batches!r}")
     if not learning_rate > 0 or not math.isfinite(learning_rate):
@@ -416,6 +447,8 @@ def train_local(
         raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu!r}")
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
+    if not logit_adjust >= 0 or not math.isfinite(logit_adjust):
+        raise ConfigError(f"logit_adjust must be a number >= 0, got {logit_adjust!r}")
 
     image_tensor = _as_uint8_tensor(images)
     n = int(image_tensor.shape[0])
@@ -457,17 +490,23 @@ def train_local(
         batches_per_epoch -= 1  # a lone last sample breaks BatchNorm in training mode
     if max_batches is not None:
         batches_per_epoch = min(batches_per_epoch, max_batches)
+    if steps is None:
+        passes = [batches_per_epoch] * epochs
+    else:  # whole passes, then the part of one that makes up the count
+        passes = [batches_per_epoch] * (steps // batches_per_epoch)
+        passes += [steps % batches_per_epoch] if steps % batches_per_epoch else []
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    offset: torch.Tensor | None = None  # logit adjustment, once the class count is known
     seen = 0
     try:
         if on_cuda:
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        for _ in range(epochs):
+        for batches in passes:
             order = torch.randperm(n, generator=generator)
             order_dev = order.to(device)
-            for b in range(batches_per_epoch):
+            for b in range(batches):
                 lo, hi = b * batch_size, min((b + 1) * batch_size, n)
                 x = source.batch(order[lo:hi], order_dev[lo:hi])
                 if augment == "affine":
@@ -482,7 +521,13 @@ def train_local(
                         "(labels run from 0 to num-classes - 1); set num-classes to match "
                         "the site's labels",
                     )
-                loss = loss_fn(logits.float(), y)
+                scored = logits.float()
+                if logit_adjust > 0:
+                    if offset is None:
+                        offset = logit_adjustment(label_tensor, logits.shape[1],
+                                                  logit_adjust).to(device)
+                    scored = scored + offset
+                loss = loss_fn(scored, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if proximal_mu > 0:
@@ -507,14 +552,14 @@ def train_local(
     mean_loss = loss_sum.item() / max(seen, 1)
     result = TrainResult(
         num_examples=n,
-        epochs=epochs,
+        epochs=len(passes),
         mean_loss=mean_loss,
         seconds=seconds,
         images_per_second=seen / seconds if seconds > 0 else float("inf"),
     )
     logger.info(
         "trained %d epoch(s) on %d samples: loss %.4f, %.1f images/s on %s",
-        epochs,
+        len(passes),
         n,
         mean_loss,
         result.images_per_second,

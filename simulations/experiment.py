@@ -398,8 +398,12 @@ def _headline(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _train_schedule(settings: Settings, images: np.ndarray, labels: np.ndarray,
-                    device: Any) -> Any:
-    """Train one model on ``images`` with the federated run's schedule, round by round."""
+                    device: Any, *, sites: int = 1) -> Any:
+    """Train one model on ``images`` with the federated run's schedule, round by round.
+
+    With ``local-steps``, each round is ``sites`` x local-steps batches: what the ``sites``
+    sites the images come from train together in one round.
+    """
     import torch
 
     torch.manual_seed(settings.seed)
@@ -412,7 +416,8 @@ def _train_schedule(settings: Settings, images: np.ndarray, labels: np.ndarray,
             optimizer=settings.optimizer, momentum=settings.momentum,
             weight_decay=settings.weight_decay, device=device, amp=settings.amp,
             channels_last=settings.channels_last, seed=settings.seed + r + 1,
-            augment=settings.augment)
+            augment=settings.augment, logit_adjust=settings.logit_adjust,
+            steps=settings.local_steps * sites or None)
     return model
 
 
@@ -500,7 +505,7 @@ def _run_fold(cfg: ExperimentConfig, base: Settings, sites: Mapping[int, SiteCon
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         say(f"[pooled] training on all {len(labels)} site training images together")
-        model = _train_schedule(base, images, labels, device)
+        model = _train_schedule(base, images, labels, device, sites=len(sites))
         _save_model(model, base, out / "pooled" / "model-latest.pt")
         rows.append({"name": "pooled", "kind": "baseline",
                      "seconds": round(time.perf_counter() - t0, 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -169,3 +170,23 @@ def test_cross_validation_folds_and_the_same_numbers_twice(tmp_path: Path) -> No
     for first, second in zip(rows, results[1]["rows"], strict=True):
         for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
             assert first[key] == pytest.approx(second[key], abs=1e-6), (first["name"], key)
+
+
+def test_the_pooled_baseline_trains_as_many_batches_a_round_as_the_sites(monkeypatch) -> None:
+    """With local-steps, each pooled round is sites x local-steps batches; without, the
+    federation's local epochs."""
+    import fedrad.simulations.experiment as experiment
+    from fedrad.common.config import load_settings
+
+    calls = []
+    monkeypatch.setattr(experiment, "train_local",
+                        lambda *args, **kwargs: calls.append((kwargs["steps"],
+                                                              kwargs["epochs"])))
+    images, labels = np.zeros((8, 28, 28), np.uint8), np.zeros(8, np.int64)
+    settings = load_settings({"image-size": 28, "num-server-rounds": 2, "local-steps": 12,
+                              "local-epochs": 3})
+    experiment._train_schedule(settings, images, labels, "cpu", sites=5)
+    assert calls == [(60, 3), (60, 3)]
+    calls.clear()
+    experiment._train_schedule(settings.replace(local_steps=0), images, labels, "cpu", sites=5)
+    assert calls == [(None, 3), (None, 3)]

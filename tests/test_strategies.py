@@ -303,6 +303,26 @@ def test_the_augment_setting_reaches_the_sites_training(tmp_path: Path) -> None:
     assert _distance(aug, plain) > 0 and _distance(aug, aug2) == 0.0
 
 
+def test_local_steps_and_logit_adjust_reach_the_sites_training(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    site = SiteContext("site-a", _write_site(tmp_path / "cache", 40, 0))  # 32 train: 4 batches
+    torch.manual_seed(0)
+    start = ArrayRecord(model_from_settings(_site_settings()).state_dict())
+    epochs2, _ = train_on_site(start, _site_settings(**{"local-epochs": 2}), site)
+    steps8, _ = train_on_site(start, _site_settings(**{"local-steps": 8}), site)
+    steps3, _ = train_on_site(start, _site_settings(**{"local-steps": 3, "local-epochs": 2}),
+                              site)
+    assert _distance(epochs2, steps8) == 0.0  # 8 steps are the two passes
+    assert _distance(steps3, steps8) > 0
+    _, plain = train_on_site(start, _site_settings(), site)
+    _, adjusted = train_on_site(start, _site_settings(**{"logit-adjust": 1.0}), site)
+    assert plain["train-loss"] != adjusted["train-loss"]
+    with pytest.raises(ConfigError, match="local-steps"):
+        _site_settings(**{"local-steps": -1})
+    with pytest.raises(ConfigError, match="logit-adjust"):
+        _site_settings(**{"logit-adjust": -0.5})
+
+
 def test_a_fedbn_site_with_dp_keeps_its_trained_norms_not_the_noised_ones(
         tmp_path: Path, monkeypatch) -> None:
     from flwr.supercore.task_identity import TaskIdentity

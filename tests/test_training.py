@@ -11,6 +11,7 @@ from fedrad.common.errors import ConfigError, FedradError
 from fedrad.common.models import get_model
 from fedrad.common.training import (
     TrainResult,
+    logit_adjustment,
     normalize_batch,
     predict_scores,
     random_affine,
@@ -140,6 +141,57 @@ def test_result_counts_samples_not_sample_epochs():
     capped = train(tiny_model(), images, labels, epochs=2, max_batches=1)
     assert capped.num_examples == 40
     assert capped.images_per_second * capped.seconds == pytest.approx(32, rel=1e-6)
+
+
+def test_steps_train_that_many_batches_over_as_many_passes_as_it_takes():
+    images, labels = make_data(n=40)  # batch 16: 3 batches a pass (16, 16, 8)
+    result = train(tiny_model(), images, labels, epochs=5, steps=7)  # steps override epochs
+    assert result.epochs == 3  # two whole passes and one batch of a third
+    assert result.images_per_second * result.seconds == pytest.approx(40 + 40 + 16, rel=1e-6)
+    short = train(tiny_model(), images, labels, steps=2)
+    assert short.epochs == 1
+    assert short.images_per_second * short.seconds == pytest.approx(32, rel=1e-6)
+    # Whole passes as steps are the same training as that many epochs, batch for batch.
+    a, b = tiny_model(3), tiny_model(3)
+    train(a, images, labels, epochs=2, seed=5)
+    train(b, images, labels, steps=6, seed=5)
+    for (key, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(wa, wb), key
+
+
+class _PriorOnly(nn.Module):
+    """Logits that ignore the image: a learnable per-class bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], 2)
+
+
+def test_logit_adjustment_is_the_smoothed_log_prior():
+    offset = logit_adjustment(torch.tensor([0, 0, 0, 1]), 2, 1.0)
+    assert offset.dtype == torch.float32
+    np.testing.assert_allclose(offset.numpy(), np.log([4 / 6, 2 / 6]), rtol=1e-6)
+    lacking = logit_adjustment(torch.tensor([0, 0]), 3, 2.0)  # a class the site lacks
+    np.testing.assert_allclose(lacking.numpy(), 2 * np.log([3 / 5, 1 / 5, 1 / 5]), rtol=1e-6)
+
+
+def test_logit_adjusted_training_learns_no_class_prior():
+    """A model that can only learn the class mix learns it under cross-entropy, and learns
+    (almost) nothing under logit adjustment: the site's prior is taken out of the loss."""
+    images, _ = make_data(n=96)
+    labels = (np.arange(96) % 4 != 0).astype(np.int64)  # 72 of 96 in class 1: odds 3
+    gaps = {}
+    for strength in (0.0, 1.0):
+        model = _PriorOnly()
+        train(model, images, labels, batch_size=96, steps=300, learning_rate=1.0,
+              momentum=0.0, logit_adjust=strength)  # gradient descent, to convergence
+        gaps[strength] = float(model.bias[1] - model.bias[0])
+    assert gaps[0.0] == pytest.approx(np.log(3), abs=1e-3)
+    # What remains is the smoothing: log(3) - log(73 / 25).
+    assert gaps[1.0] == pytest.approx(np.log(3) - np.log(73 / 25), abs=1e-3)
 
 
 def test_the_trained_model_keeps_no_gradients():
@@ -302,6 +354,12 @@ def test_bad_inputs():
         train(tiny_model(), images, labels, epochs=0)
     with pytest.raises(ConfigError, match="learning_rate"):
         train(tiny_model(), images, labels, learning_rate=0.0)
+    for steps in (0, True, 2.5):
+        with pytest.raises(ConfigError, match="steps must be an integer >= 1"):
+            train(tiny_model(), images, labels, steps=steps)
+    for strength in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="logit_adjust must be a number >= 0"):
+            train(tiny_model(), images, labels, logit_adjust=strength)
     with pytest.raises(FedradError, match="uint8") as info:
         train(tiny_model(), images.astype(np.float32) / 255, labels)
     assert info.value.code == "bad-dataset"
