@@ -130,6 +130,11 @@ class Settings:
         "secure-aggregation=false)", choices=STRATEGIES))
     proximal_mu: float = field(default=0.01, metadata=_meta(
         "fedprox: weight mu of the proximal term (mu / 2) * ||w - w_global||^2", minimum=0.0))
+    server_step: float = field(default=1.0, metadata=_meta(
+        "fedavg / fedprox / fedbn: the next global model moves this fraction of the way "
+        "from the current one to the sites' weighted mean (1: the mean itself; below 1 "
+        "damps rounds in which sites with opposite class mixes overshoot each other)",
+        minimum=0.05, maximum=1.0))
     server_learning_rate: float = field(default=0.01, metadata=_meta(
         "fedadam / fedyogi / fedadagrad: the server optimiser's step size", minimum=0.0))
     server_beta1: float = field(default=0.9, metadata=_meta(
@@ -285,6 +290,13 @@ def load_settings(run_config: Mapping[str, Any] | None = None, **overrides: Any)
             "aggregation hides from the server; set secure-aggregation=false, or use fedavg, "
             "fedprox, fedbn, fedadam, fedyogi or fedadagrad"
         )
+    if settings.server_step != 1.0 and settings.strategy not in ("fedavg", "fedprox", "fedbn"):
+        raise ConfigError(
+            f"'server-step' {settings.server_step:g} applies to fedavg, fedprox and fedbn; "
+            f"strategy {settings.strategy} "
+            + ("moves by server-learning-rate" if settings.strategy in
+               ("fedadam", "fedyogi", "fedadagrad") else "does not average")
+            + ": leave server-step at 1.0")
     if settings.dp_clip <= 0:
         raise ConfigError(f"'dp-clip' must be > 0 (the L2 bound on a site's update); got "
                           f"{settings.dp_clip!r}")

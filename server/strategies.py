@@ -4,7 +4,9 @@ Plain Python on numpy arrays (no Flower types), one :class:`Aggregator` per run,
 by the ``strategy`` setting:
 
 ``fedavg``
-    The mean of the sites' models weighted by their training-sample counts.
+    The mean of the sites' models weighted by their training-sample counts; with
+    ``server-step`` below 1 the next model is ``w + server-step * (mean - w)``, part of
+    the way from the current model ``w`` to the mean (fedprox and fedbn too).
 ``fedprox``
     The same mean; the sites add the proximal term ``(mu / 2) * ||w - w_global||^2`` to
     their loss (``proximal-mu``, see :func:`fedrad.common.training.train_local`).
@@ -188,6 +190,9 @@ class Aggregator:
         #: Krum: the index (in the given order) of the site model chosen last
         self.last_selected: int | None = None
         self._spare: dict[str, np.ndarray] | None = None  # the last mean's float64 arrays
+        #: the next model is the sites' mean itself
+        self._plain_mean = (self.name not in SERVER_OPTIMIZERS
+                            and settings.server_step == 1.0)
 
     # ------------------------------------------------------------- plain rounds
     def aggregate(self, current: Weights, sites: Sequence[tuple[Weights, float]]
@@ -229,7 +234,7 @@ class Aggregator:
         sum is divided and cast straight into them, one pass with no float64 mean and
         no copy.  The values are the same either way.
         """
-        if into is not None and self.name not in SERVER_OPTIMIZERS:
+        if into is not None and self._plain_mean:
             acc = running.mean_into(into, current)
             self._spare = acc
             return dict(into)
@@ -289,13 +294,25 @@ class Aggregator:
     def server_step(self, current: Weights, mean: Weights) -> dict[str, np.ndarray]:
         """Apply the server optimiser to the sites' weighted ``mean`` model.
 
-        For fedavg, fedprox and fedbn the mean is the next model.  For fedadam, fedyogi
+        For fedavg, fedprox and fedbn the mean is the next model (with ``server-step``
+        below 1, ``current + server-step * (mean - current)``; integer tensors take the
+        mean).  For fedadam, fedyogi
         and fedadagrad, ``delta = mean - current`` updates the moments and the model
         moves by ``server-learning-rate * m / (sqrt(v) + server-tau)``.
         """
-        if self.name not in SERVER_OPTIMIZERS:
+        if self._plain_mean:
             return {k: _cast_like(np.asarray(mean[k], dtype=np.float64), ref)
                     for k, ref in current.items()}
+        if self.name not in SERVER_OPTIMIZERS:  # a damped step towards the mean
+            step = self.settings.server_step
+            out = {}
+            for k, ref in current.items():
+                m = np.asarray(mean[k], dtype=np.float64)
+                if _is_float(ref):
+                    x = np.asarray(ref, dtype=np.float64)
+                    m = x + step * (m - x)
+                out[k] = _cast_like(m, ref)
+            return out
         s = self.settings
         b1, b2, eta, tau = s.server_beta1, s.server_beta2, s.server_learning_rate, s.server_tau
         self.steps += 1

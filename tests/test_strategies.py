@@ -96,6 +96,39 @@ def test_mean_strategies_are_the_sample_weighted_mean(name: str) -> None:
     assert int(new["bn.num_batches_tracked"]) == round(counter)
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedbn"])
+def test_a_server_step_below_one_moves_part_of_the_way_to_the_mean(name: str) -> None:
+    pairs = list(zip(_site_models(), COUNTS, strict=True))
+    mean = _aggregator(name).aggregate(CURRENT, pairs)
+    damped = _aggregator(name, **{"server-step": 0.25})
+    new = damped.aggregate(CURRENT, pairs)
+    for key in ("w", "b"):
+        x = CURRENT[key].astype(np.float64)
+        np.testing.assert_allclose(new[key], x + 0.25 * (mean[key] - x), rtol=1e-6, atol=1e-7)
+        assert new[key].dtype == np.float32
+    assert int(new["bn.num_batches_tracked"]) == int(mean["bn.num_batches_tracked"])
+    # A streamed round written into the next model's buffers gives the same values.
+    running = damped.running_mean()
+    for weights, n in pairs:
+        running.add(weights, n)
+    slots = {k: np.empty_like(v) for k, v in CURRENT.items()}
+    into = damped.finish(CURRENT, running, into=slots)
+    for key in CURRENT:
+        np.testing.assert_array_equal(into[key], new[key])
+    # Under secure aggregation the server step gets the mean the unmasked sum gives.
+    stepped = damped.server_step(CURRENT, {k: v.astype(np.float64) for k, v in mean.items()})
+    np.testing.assert_allclose(stepped["w"], new["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_server_step_is_refused_where_it_does_not_apply() -> None:
+    with pytest.raises(ConfigError, match="server-step.*fedadam moves by server-learning-rate"):
+        load_settings({"strategy": "fedadam", "server-step": 0.5})
+    with pytest.raises(ConfigError, match="server-step.*median does not average"):
+        load_settings({"strategy": "median", "secure-aggregation": False, "server-step": 0.5})
+    with pytest.raises(ConfigError, match="server-step"):
+        load_settings({"server-step": 0.0})
+
+
 def test_running_mean_of_tensors_bigger_than_its_chunk_is_the_weighted_mean() -> None:
     """RunningMean adds large tensors a chunk at a time; every value must still count once."""
     from fedrad.server.strategies import ADD_CHUNK, RunningMean, weighted_mean
