@@ -457,6 +457,13 @@ def _plot(curves: Mapping[str, list[float]], flat: Mapping[str, float], out: Pat
     styles = iter(["--", ":", "-."])
     for name, value in flat.items():
         ax.axhline(value, linestyle=next(styles, "--"), color="grey", label=name)
+    # Room above and below every curve and baseline: a baseline at the top of the data
+    # range would otherwise be drawn on the frame.
+    values = [v for c in curves.values() for v in c] + list(flat.values())
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(0.05 * (hi - lo), 0.005)
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("round")
     ax.set_ylabel("central test AUC")
     ax.set_title(title)
