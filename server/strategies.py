@@ -296,9 +296,9 @@ class Aggregator:
 
         For fedavg, fedprox and fedbn the mean is the next model (with ``server-step``
         below 1, ``current + server-step * (mean - current)``; integer tensors take the
-        mean).  For fedadam, fedyogi
-        and fedadagrad, ``delta = mean - current`` updates the moments and the model
-        moves by ``server-learning-rate * m / (sqrt(v) + server-tau)``.
+        mean).  For fedadam, fedyogi and fedadagrad, ``delta = mean - current`` updates
+        the moments and the model moves by ``server-learning-rate * m / (sqrt(v) +
+        server-tau)``.
         """
         if self._plain_mean:
             return {k: _cast_like(np.asarray(mean[k], dtype=np.float64), ref)
