@@ -323,13 +323,22 @@ def load_experiment(path: str | os.PathLike[str], *,
         raise ConfigError(f"'partition.alpha' must be a number > 0, got {alpha!r}")
     sites = _int_or_none("sites", raw.get("sites", 3))
     settings_raw = dict(raw.get("settings") or {})
-    settings_raw.update(overrides or {})
-    defaults = SYNTHETIC_DEFAULTS if kind == "synthetic" else MEDMNIST_DEFAULTS
+    if "seed" in settings_raw:
+        raise ConfigError("'settings.seed': the experiment's seed is the top-level 'seed' key "
+                          "(it seeds the partition and every run's training); move it there")
+    overrides = dict(overrides or {})
     seed = _int_or_none("seed", raw.get("seed", 0), minimum=0) or 0
+    if "seed" in overrides:  # --set seed=N: the whole experiment's seed, partition included
+        text = str(overrides.pop("seed"))
+        if not text.isdigit():
+            raise ConfigError(f"--set seed: expected an integer >= 0, got {text!r}")
+        seed = int(text)
+    settings_raw.update(overrides)
+    defaults = SYNTHETIC_DEFAULTS if kind == "synthetic" else MEDMNIST_DEFAULTS
     settings = load_settings({**defaults, **settings_raw, "seed": seed})
     if settings.min_sites > sites:
         settings = settings.replace(min_sites=sites)
-    strategies = _strategy_runs(raw.get("strategies", ["fedavg"]), settings, overrides or {})
+    strategies = _strategy_runs(raw.get("strategies", ["fedavg"]), settings, overrides)
     return ExperimentConfig(
         name=str(raw.get("name") or file.stem),
         kind=kind,

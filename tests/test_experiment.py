@@ -51,12 +51,24 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("dataset: {kind: synthetic, test-scanners: clean}\n",
          "'dataset.test-scanners' is 'clean'; accepted: original, sites"),
         ("settings: {num-server-round: 2}\n", "Unknown setting 'num-server-round'"),
+        ("settings: {seed: 2}\n", "'settings.seed'.*top-level 'seed' key"),
         ("- a list\n", "must hold a mapping"),
     ],
 )
 def test_bad_experiment_files_name_the_key(tmp_path: Path, text: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         load_experiment(_write(tmp_path, text))
+
+
+def test_a_seed_from_the_command_line_is_the_whole_experiments_seed(tmp_path: Path) -> None:
+    """--set seed=N reseeds the partition, the baselines and every strategy alike."""
+    path = _write(tmp_path, "seed: 4\nstrategies: [fedavg, {fedprox: {proximal-mu: 0.1}}]\n")
+    assert load_experiment(path).seed == 4
+    cfg = load_experiment(path, overrides={"seed": "7", "num-server-rounds": "2"})
+    assert cfg.seed == 7 and cfg.settings.seed == 7 and cfg.settings.num_server_rounds == 2
+    assert [run.settings.seed for run in cfg.strategies] == [7, 7]
+    with pytest.raises(ConfigError, match="--set seed: expected an integer >= 0, got '-1'"):
+        load_experiment(path, overrides={"seed": "-1"})
 
 
 @pytest.mark.skipif(not PNEUMONIA.is_file(), reason="shared PneumoniaMNIST not present")
