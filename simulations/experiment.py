@@ -330,7 +330,7 @@ def load_experiment(path: str | os.PathLike[str], *,
     seed = _int_or_none("seed", raw.get("seed", 0), minimum=0) or 0
     if "seed" in overrides:  # --set seed=N: the whole experiment's seed, partition included
         text = str(overrides.pop("seed"))
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise ConfigError(f"--set seed: expected an integer >= 0, got {text!r}")
         seed = int(text)
     settings_raw.update(overrides)
